@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make repro   install what is missing, then run the whole pipeline (dvc repro) on params.yaml
+#   make test    install what is missing (+ Chromium), then run the test suite
+SHELL := /bin/bash
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup repro test report seeds bench clean-mlflow
+
+setup:
+	scripts/setup.sh
+
+repro: setup
+	dvc repro
+
+test:
+	scripts/setup.sh --test
+	pytest -q
+
+# Add seeds 1 and 2 as queued experiments, run them, and rebuild reports/ over every seed found.
+seeds: repro
+	dvc exp run --queue -S seed=1
+	dvc exp run --queue -S seed=2
+	dvc queue start -j 1
+	dvc queue status; while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; dvc queue status
+	dvc repro -f report
+
+report:
+	dvc repro -f report
+
+bench:
+	python bench/bench_pretrain.py
+	python bench/bench_linear.py

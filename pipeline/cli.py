@@ -1,0 +1,68 @@
+"""What every stage entry point shares: argument parsing, params loading, and error reporting.
+
+A stage script is ``main = stage(fn)`` where ``fn(params, args)`` does the work by calling the
+library.  Bad input (a ConfigError, a missing/corrupt dataset or checkpoint) is printed as one clear
+``error:`` line and the process exits with status 2 before any compute; a non-finite loss exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import ConfigError
+from pipeline.params import Params, load_params
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 3
+
+
+def stage(description: str, positional: tuple[str, ...] = ()) -> Callable:
+    def wrap(fn: Callable[[Params, argparse.Namespace], None]) -> Callable[[list[str] | None], int]:
+        def main(argv: list[str] | None = None) -> int:
+            parser = argparse.ArgumentParser(description=description)
+            for name in positional:
+                parser.add_argument(name)
+            parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+            args = parser.parse_args(argv)
+            try:
+                params = load_params(args.params)
+                fn(params, args)
+            except ConfigError as e:
+                print(f"error: {args.params}: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            except (FileNotFoundError, ValueError) as e:
+                # Missing/corrupt data or checkpoints; the library's messages name the file and the fix.
+                if type(e).__name__ == "NonFiniteLossError":
+                    print(f"error: {e}", file=sys.stderr)
+                    return EXIT_TRAINING_FAILED
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            except Exception as e:
+                if type(e).__name__ == "NonFiniteLossError":
+                    print(f"error: {e}", file=sys.stderr)
+                    return EXIT_TRAINING_FAILED
+                raise
+            return 0
+
+        return main
+
+    return wrap
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write metrics atomically (temp file + rename) with sorted keys, so reruns give identical bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or not distributed): the only process that writes files and logs."""
+    return int(os.environ.get("RANK", "0")) == 0

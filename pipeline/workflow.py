@@ -1,0 +1,248 @@
+"""What each DVC stage does, in terms of the library: the glue between data, training, evaluation,
+tracking and the files DVC tracks.  Stage scripts in ``stages/`` only parse arguments and call these.
+
+File layout (docs/architecture.md):
+  models/<method>-<variant>/{checkpoint.pt, final.pt, mlflow_run_id, run.json, metrics.json, losses.csv}
+  features/<method>-<variant>/<dataset>.npz      train_x, test_x, train_<task>, test_<task>
+  metrics/<method>-<variant>/{linear,fewshot,probe}.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.cli import write_json
+from pipeline.config import ConfigError, check_choice, flatten, to_dict
+from pipeline.params import VARIANTS, Params
+from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_results, git_commit, read_run_id,
+                               run_tags)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_model(params: Params, model: str) -> tuple[str, str]:
+    """'simclr-augself' → ('simclr', 'augself'), validated against ssl.methods and the variants."""
+    method, _, variant = model.rpartition("-")
+    check_choice("model (<method>-<variant>) method", method, params.ssl.methods)
+    check_choice("model (<method>-<variant>) variant", variant, VARIANTS)
+    return method, variant
+
+
+def _load_split(params: Params, name: str, split: str):
+    from pipeline.data import load_split
+
+    return load_split(Path(params.data.prepared), name, split)
+
+
+def check_fewshot_feasible(params: Params) -> None:
+    """Refuse (before any compute) a few-shot setting that some downstream task cannot serve."""
+    fs = params.eval.fewshot
+    need = max(fs.shots) + fs.queries
+    for name, entry in params.data.datasets.items():
+        for task in entry.tasks:
+            try:
+                labels = _load_split(params, name, "test").labels[task]
+            except FileNotFoundError:
+                continue  # not prepared yet: checked again when the fewshot stage runs
+            counts = np.bincount(labels)
+            counts = counts[counts > 0]
+            usable = int((counts >= need).sum())
+            if usable < fs.ways:
+                raise ConfigError(
+                    f"eval.fewshot: {fs.ways}-way episodes with K={max(fs.shots)} shots + {fs.queries} queries need "
+                    f"{fs.ways} classes with >= {need} test images in {name}/{task}, but only {usable} have that "
+                    f"many (smallest class: {int(counts.min())}, classes: {len(counts)}); allowed: "
+                    f"eval.fewshot.shots <= {int(np.sort(counts)[-fs.ways]) - fs.queries} with these queries, "
+                    f"or fewer eval.fewshot.ways / eval.fewshot.queries")
+
+
+# -- pretraining --------------------------------------------------------------------------------
+def run_pretraining(params: Params, method: str, variant: str, models_dir: Path, track: bool = True,
+                    device: str | None = None, max_steps: int | None = None) -> dict:
+    from pipeline.train import checkpoint_resumable, pretrain
+
+    out_dir = Path(models_dir) / f"{method}-{variant}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_fewshot_feasible(params)
+    images = _load_split(params, params.data.pretrain, "train").images
+
+    tracker = Tracker(params, enabled=params.tracking.enabled and track)
+    resuming = checkpoint_resumable(params, method, variant, out_dir)
+    run_id = tracker.start_model_run(method, variant, reuse_run_id=read_run_id(out_dir) if resuming else None)
+    if track:
+        (out_dir / RUN_ID_FILE).write_text(run_id or "")
+    started = time.time()
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(run_id, metrics, step=step)
+
+    try:
+        result = pretrain(params, method, variant, images, out_dir, on_log=on_log,
+                          device=device or default_device(), max_steps=max_steps)
+    except BaseException:
+        tracker.end_run(run_id, status="FAILED")
+        raise
+    if not track:
+        return {}
+    metrics = dict(result.metrics)
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_artifact(run_id, out_dir / "losses.csv")
+    tracker.set_tags(run_id, {"checkpoint": str((out_dir / "final.pt").resolve())})
+    tracker.end_run(run_id)
+    info = {k: v for k, v in run_tags(params, method, variant).items() if not k.startswith("mlflow.")}
+    info.update({"lambda": params.lambda_for(variant), "seed": params.seed, "run_id": run_id or "",
+                 "start_time": started, "commit": git_commit()})
+    write_json(out_dir / RUN_INFO_FILE, info)
+    return metrics
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float]) -> None:
+    tracker = Tracker(params)
+    run_id = read_run_id(Path(models_dir) / model)
+    tracker.log_metrics(run_id, metrics)
+    tracker.end_run(run_id)
+
+
+def _load_model(models_dir: Path, model: str, device: str):
+    from pipeline.models import load_backbone
+
+    backbone, meta = load_backbone(Path(models_dir) / model / "final.pt")
+    return backbone.to(device).eval(), meta
+
+
+def run_features(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> None:
+    """Frozen features of every downstream dataset, once per model (the eval stages read these)."""
+    from pipeline.evaluate.features import extract_features
+
+    parse_model(params, model)
+    device = default_device()
+    backbone, meta = _load_model(models_dir, model, device)
+    out_dir = Path(features_dir) / model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, entry in params.data.datasets.items():
+        if not entry.tasks:
+            continue
+        arrays = {}
+        for split in ("train", "test"):
+            data = _load_split(params, name, split)
+            arrays[f"{split}_x"] = extract_features(backbone, data.images, meta["mean"], meta["std"],
+                                                    params.eval.batch_size, device, size=meta["image_size"])
+            for task in entry.tasks:
+                arrays[f"{split}_{task}"] = data.labels[task]
+        tmp = out_dir / f".{name}.tmp.npz"
+        np.savez(tmp, **arrays)
+        tmp.replace(out_dir / f"{name}.npz")
+        print(f"{model}: features of {name}: train {arrays['train_x'].shape}, test {arrays['test_x'].shape}")
+
+
+def _features(params: Params, features_dir: Path, model: str):
+    for name, entry in params.data.datasets.items():
+        if not entry.tasks:
+            continue
+        path = Path(features_dir) / model / f"{name}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: features not extracted; run `dvc repro features@{model}`")
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        for task in entry.tasks:
+            yield name, task, arrays
+
+
+def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
+    from pipeline.evaluate.linear import format_linear_table, linear_probe
+
+    parse_model(params, model)
+    metrics, rows = {}, []
+    for name, task, a in _features(params, features_dir, model):
+        res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
+                           seed=params.seed, class_average=name in params.eval.linear.class_average,
+                           device=default_device())
+        metrics[f"linear/{name}/{task}/top1"] = float(res["top1"])
+        rows.append((f"{name}/{task}", res))
+    write_json(Path(metrics_dir) / model / "linear.json", metrics)
+    _log_to_model_run(params, models_dir, model, metrics)
+    print(format_linear_table(model, rows))
+    return metrics
+
+
+def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
+    from pipeline.evaluate.fewshot import fewshot_eval, format_fewshot_table
+
+    parse_model(params, model)
+    check_fewshot_feasible(params)
+    fs = params.eval.fewshot
+    metrics, rows = {}, []
+    for name, task, a in _features(params, features_dir, model):
+        res = fewshot_eval(a["test_x"], a[f"test_{task}"], fs.ways, fs.shots, fs.queries, fs.episodes,
+                           seed=params.seed, device=default_device())
+        for key, r in res.items():
+            metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
+            metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
+        rows.append((f"{name}/{task}", res))
+    write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
+    _log_to_model_run(params, models_dir, model, metrics)
+    print(format_fewshot_table(model, rows))
+    return metrics
+
+
+def probe_augmentations(params: Params) -> list[str]:
+    """Every augmentation the views use (so baseline and AugSelf are probed on the same targets)."""
+    augs = ["crop", "color"]
+    if params.augment.flip_p > 0:
+        augs.insert(1, "flip")
+    if params.augment.blur_p > 0:
+        augs.append("blur")
+    return augs
+
+
+def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
+    from pipeline.augment import BatchAugment
+    from pipeline.evaluate.probe import augmentation_probe, format_probe_table
+
+    parse_model(params, model)
+    device = default_device()
+    backbone, meta = _load_model(models_dir, model, device)
+    images = _load_split(params, params.data.pretrain, "test").images
+    augment = BatchAugment(params.augment, meta["image_size"])
+    res = augmentation_probe(backbone, images, augment, probe_augmentations(params), params.eval.probe,
+                             seed=params.seed, batch_size=params.eval.batch_size, device=device)
+    metrics = {f"probe/{aug}/{k}": float(v) for aug, r in res.items() for k, v in r.items()}
+    write_json(Path(metrics_dir) / model / "probe.json", metrics)
+    _log_to_model_run(params, models_dir, model, metrics)
+    print(format_probe_table(model, res))
+    return metrics
+
+
+EVALUATION_STEPS: dict[str, Callable] = {
+    "features": run_features, "linear": run_linear, "fewshot": run_fewshot, "probe": run_probe,
+}
+
+
+# -- report -------------------------------------------------------------------------------------
+def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Path, params_path: Path) -> list[Path]:
+    from pipeline.report import build_report
+
+    runs, curves, source = collect_results(params, Path(models_dir), Path(metrics_dir))
+    if runs.empty:
+        raise FileNotFoundError(f"no finished runs of this configuration in {source}; run `dvc repro` first")
+    context = {
+        "commit": git_commit(),
+        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "params": flatten(to_dict(params)),
+        "params_file": str(params_path),
+        "source": source,
+        "command": "dvc repro (seed 0) + dvc exp run --queue -S seed=N; dvc queue start; dvc repro -f report",
+    }
+    paths = build_report(runs, curves, Path(out_dir), context)
+    print(f"report: {len(runs)} runs from {source} → {out_dir}/index.html")
+    return paths

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what the project needs, idempotently: Debian packages (when missing and apt is usable),
+# a .venv with the pinned Python packages, and the project itself (editable).
+#   scripts/setup.sh          what `dvc repro` needs
+#   scripts/setup.sh --test   plus what the test suite needs (Chromium for the report page test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+apt_pkgs=()
+[ -d /usr/share/datasets/fashion-mnist ] || apt_pkgs+=(dataset-fashion-mnist)
+if [ "$want_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then apt_pkgs+=(chromium); fi
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${apt_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages ${apt_pkgs[*]}; install them as root (apt-get install ${apt_pkgs[*]})" \
+         "or put the Fashion-MNIST IDX files under data/raw/fashion-mnist/" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.installed-$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing pinned Python packages (requirements.lock; torch from this machine's disk)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements.lock
+  .venv/bin/pip install -q --no-deps -e .
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+echo "setup: ok ($(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'))"
