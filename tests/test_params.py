@@ -1,0 +1,93 @@
+"""params.yaml validation: every bad value is refused with a message naming key, value and allowed values."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, to_dict
+from pipeline.params import METHODS, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path, **overrides):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_project_params_load_and_round_trip():
+    params = load_params(ROOT / "params.yaml")
+    assert params.augself.lambda_ == 1.0
+    assert params.data.downstream[:3] == ["cfmnist/class", "cfmnist/color", "cfmnist/fine"]
+    again = load_params(ROOT / "params.yaml", overrides={})
+    assert to_dict(again) == to_dict(params)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("ssl.methods", ["simclr", "swav"], ["ssl.methods", "'swav'", "simclr, simsiam, moco, byol"]),
+    ("ssl.backbone", "vit_b", ["ssl.backbone", "'vit_b'", "resnet_small, resnet18, resnet50"]),
+    ("augself.augmentations", ["crop", "rotation"], ["augself.augmentations", "'rotation'", "crop, flip, color, blur"]),
+    ("augself.lambda", -0.5, ["augself.lambda", "-0.5", "[0, inf]"]),
+    ("augself.lambda", "high", ["augself.lambda", "expected a number", "'high'"]),
+    ("data.pretrain", "imagenet", ["data.pretrain", "'imagenet'", "data.datasets"]),
+    ("ssl.epochs", 0, ["ssl.epochs", "0"]),
+    ("ssl.amp", "fp8", ["ssl.amp", "'fp8'", "auto, bf16, fp16, off"]),
+    ("augment.crop_scale", [0.5, 0.2], ["augment.crop_scale[1]", "0.2"]),
+    ("ssl.simclr.temperature", 0, ["ssl.simclr.temperature", "0"]),
+    ("eval.fewshot.shots", [0, 5], ["eval.fewshot.shots[0]"]),
+])
+def test_bad_values_are_refused_with_key_value_and_allowed(tmp_path, key, value, expected):
+    path = write_params(tmp_path, **{key: value})
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    for text in expected:
+        assert text in str(err.value), (text, str(err.value))
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    path = write_params(tmp_path, **{"augself.lamda": 0.5})
+    with pytest.raises(ConfigError, match=r"augself.lamda: unknown key; allowed keys under augself: .*lambda"):
+        load_params(path)
+
+
+def test_unknown_dataset_name_is_refused_before_compute(tmp_path):
+    """A dataset the registry does not know: the stage exits 2 naming data.datasets and the known names."""
+    path = write_params(tmp_path, **{"data.datasets": {"cfmnist": {"tasks": ["class"]}, "mnist3d": {"tasks": ["class"]}}})
+    out = subprocess.run([sys.executable, "stages/prepare.py", "mnist3d", "--params", str(path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "mnist3d" in out.stderr and "cfmnist" in out.stderr
+
+
+def test_stage_exits_2_with_one_clear_line(tmp_path):
+    path = write_params(tmp_path, **{"ssl.methods": ["simclr", "dino"]})
+    out = subprocess.run([sys.executable, "stages/pretrain.py", "simclr", "augself", "--params", str(path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error:") and "ssl.methods" in out.stderr and "'dino'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_group_hash_ignores_seed_lambda_and_method_list():
+    a, b = Params(), Params()
+    b.seed, b.augself.lambda_, b.ssl.methods = 3, 0.25, ["simclr"]
+    assert a.group_hash() == b.group_hash()
+    b.ssl.epochs = 7
+    assert a.group_hash() != b.group_hash()
+
+
+def test_methods_tuple_matches_registry():
+    from pipeline.methods import METHODS as REGISTRY
+
+    assert set(REGISTRY) == set(METHODS)
