@@ -1,0 +1,207 @@
+"""The comparison report: tables and plots across methods, λ and seeds.
+
+:func:`build_report` turns plain pandas data (``pipeline.tracking`` reads it from MLflow or from the
+metric files) into ``reports/``:
+
+* ``results.csv``: one row per method × variant × λ; per metric ``<metric>/mean``, ``/std``, ``/n``
+  over seeds (see :mod:`pipeline.report.tables` for the statistics),
+* ``README.md``: the tables (Δ AugSelf − baseline rows in bold), the figures, the run list,
+* ``fig_*.png`` / ``fig_*.svg``: grouped bars per family, metric against λ, loss curves
+  (:mod:`pipeline.report.plots`),
+* ``index.html``: everything above in one self-contained page, plus the parameters
+  (:mod:`pipeline.report.html`).
+
+The input contract is in :mod:`pipeline.report.schema`.  Whatever is missing (a metric, a second
+seed, a second λ, a curve) is skipped and said in the report's notes rather than failing the build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from pipeline.config import flatten
+from pipeline.report import plots as _plots
+from pipeline.report.html import render_page
+from pipeline.report.schema import (DOWNSTREAM_FAMILIES, FAMILY_TITLES, FEWSHOT, LAMBDA_DECIMALS, LINEAR, PROBE,
+                                    MetricSpec, curve_key, lambda_label, metric_specs, validate_runs)
+from pipeline.report.tables import Difference, Table, aggregate, build_tables, differences, to_markdown
+
+__all__ = ["build_report", "aggregate", "differences", "curve_key", "Difference", "Table"]
+
+TITLE = "AugSelf vs baseline: comparison report"
+FIGURE_PREFIX = "fig_"
+_EXPECTED = {LINEAR: "linear/<dataset>/<task>/top1", FEWSHOT: "fewshot/<dataset>/<task>/<N>way<K>shot",
+             PROBE: "probe/<aug>/r2"}
+_RUN_COLUMNS = {"run_id": "run id", "method": "method", "variant": "variant", "lambda": "λ", "seed": "seed",
+                "dvc_exp": "dvc exp", "commit": "commit", "start_time": "start time"}
+
+
+def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, out_dir: str | Path,
+                 context: Mapping) -> list[Path]:
+    """Regenerate the report in ``out_dir``; return the files written.
+
+    ``context``: ``commit``, ``generated_at``, ``params`` (flattened, dotted keys; a nested mapping is
+    flattened here), ``command`` and optional ``notes`` (a string or a list of strings).  The default λ
+    of the Δ rows is ``params['augself.lambda']``.  Previous ``fig_*`` files in ``out_dir`` are removed
+    first, so a figure that can no longer be drawn does not linger.
+    """
+    if not isinstance(context, Mapping):
+        raise ValueError(f"context: expected a mapping with commit, generated_at, params, command; "
+                         f"got {type(context).__name__}")
+    runs, notes = validate_runs(runs)
+    curves = curves or {}
+    params = dict(context.get("params") or {})
+    if any(isinstance(v, Mapping) for v in params.values()):
+        params = flatten(params)
+    extra = context.get("notes") or []
+    notes = ([extra] if isinstance(extra, str) else list(extra)) + notes
+
+    specs = _present_specs(runs, notes)
+    default_lambda = _default_lambda(params, notes)
+    ref_lambda = _reference_lambda(runs, default_lambda, notes)
+    summary = aggregate(runs, specs)
+    diffs = differences(summary, specs, default_lambda)
+    _note_missing_sides(summary, notes)
+    tables = build_tables(summary, specs, diffs, default_lambda)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(out_dir.glob(f"{FIGURE_PREFIX}*.png")) + list(out_dir.glob(f"{FIGURE_PREFIX}*.svg")):
+        stale.unlink()
+    figures = _draw_figures(runs, summary, curves, specs, ref_lambda, out_dir, notes)
+
+    results = out_dir / "results.csv"
+    summary.to_csv(results, index=False)
+    run_list = _run_list(runs)
+    meta = _meta(context, runs, default_lambda)
+    readme = out_dir / "README.md"
+    readme.write_text(_markdown(meta, notes, tables, figures, run_list), encoding="utf-8")
+    page = out_dir / "index.html"
+    page.write_text(render_page(title=TITLE, meta=meta, notes=notes, tables=tables, plots=figures,
+                                run_list=run_list, params=params), encoding="utf-8")
+    return [results, readme, page] + [p for f in figures for p in f.paths]
+
+
+def _present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:
+    """Metric specs with at least one value; note empty metrics and missing downstream families."""
+    specs = []
+    for spec in metric_specs(runs):
+        if runs[spec.column].notna().any():
+            specs.append(spec)
+        else:
+            notes.append(f"`{spec.column}` has no value in any run: skipped")
+    for family in DOWNSTREAM_FAMILIES:
+        if not any(s.family == family for s in specs):
+            notes.append(f"no {family} metric (`{_EXPECTED[family]}`) in the runs: the "
+                         f"“{FAMILY_TITLES[family]}” table and plots are skipped")
+    return specs
+
+
+def _default_lambda(params: Mapping, notes: list[str]) -> float | None:
+    value = params.get("augself.lambda")
+    if value is None:
+        notes.append("`augself.lambda` is not in the params behind the runs: no Δ row at the default λ")
+        return None
+    return round(float(value), LAMBDA_DECIMALS)
+
+
+def _reference_lambda(runs: pd.DataFrame, default_lambda: float | None, notes: list[str]) -> float | None:
+    """The AugSelf λ shown in the bar charts: the default, else the λ with the most runs (smallest on ties)."""
+    counts = runs.loc[runs["variant"] == "augself", "lambda"].value_counts()
+    if counts.empty:
+        return None
+    if default_lambda in counts.index:
+        return default_lambda
+    best = min(counts.index, key=lambda lam: (-counts[lam], lam))
+    if default_lambda is not None:
+        notes.append(f"no AugSelf run at the default λ = {lambda_label(default_lambda)}; the bar charts show "
+                     f"λ = {lambda_label(best)}")
+    return float(best)
+
+
+def _note_missing_sides(summary: pd.DataFrame, notes: list[str]) -> None:
+    for method in dict.fromkeys(summary["method"]):
+        variants = set(summary.loc[summary["method"] == method, "variant"])
+        for missing in {"baseline", "augself"} - variants:
+            notes.append(f"{method}: no {missing} run, so no AugSelf − baseline difference")
+
+
+def _draw_figures(runs, summary, curves, specs, ref_lambda, out_dir, notes) -> list[_plots.Plot]:
+    figures: list[_plots.Plot] = []
+    has_lambda = ref_lambda is not None
+    with _plots.style():
+        for family, what in ((LINEAR, "linear top-1"), (FEWSHOT, "few-shot accuracy"),
+                             (PROBE, "augmentation-awareness probe")):
+            fspecs = [s for s in specs if s.family == family]
+            if not fspecs:
+                continue
+            title = f"{what.capitalize()}: baseline vs AugSelf" + (f" (λ = {lambda_label(ref_lambda)})" if has_lambda else "")
+            fig = _plots.bar_figure(runs, summary, fspecs, ref_lambda, title)
+            figures.append(_saved(fig, out_dir, f"bars_{family}", title,
+                                  "Bars: mean over seeds; whiskers: ± std over seeds (where ≥ 2 seeds); dots: "
+                                  "individual seeds; Δ: AugSelf − baseline difference of the means."))
+            if has_lambda:
+                title = f"{what.capitalize()} against the AugSelf weight λ"
+                fig = _plots.lambda_figure(summary, fspecs, title)
+                figures.append(_saved(fig, out_dir, f"lambda_{family}", title,
+                                      "λ = 0 is the baseline; points: every λ that ran, mean ± std over seeds."))
+        if not has_lambda:
+            notes.append("no AugSelf run: the λ plots are skipped")
+        fig, curve_notes = _plots.loss_figure(runs, curves, "Pretraining losses")
+        notes.extend(curve_notes)
+        if fig is not None:
+            figures.append(_saved(fig, out_dir, "loss_curves", "Pretraining losses",
+                                  "Columns: methods; rows: loss terms (AugSelf terms unweighted, total = SSL + "
+                                  "λ·Σ AugSelf); lines: mean over seeds, band: ± std."))
+    return figures
+
+
+def _saved(fig, out_dir: Path, name: str, title: str, caption: str) -> _plots.Plot:
+    stem = FIGURE_PREFIX + name
+    return _plots.Plot(stem, title, caption, _plots.save(fig, out_dir, stem))
+
+
+def _run_list(runs: pd.DataFrame) -> pd.DataFrame:
+    frame = runs[list(_RUN_COLUMNS)].rename(columns=_RUN_COLUMNS).copy()
+    frame["λ"] = frame["λ"].map(lambda_label)
+    return frame.fillna("").astype(str).replace({"nan": "", "NaT": "", "None": ""})
+
+
+def _meta(context: Mapping, runs: pd.DataFrame, default_lambda: float | None) -> dict[str, str]:
+    groups = sorted(set(runs["group"].astype(str)) - {"", "nan", "None"})
+    lambdas = sorted(set(runs.loc[runs["variant"] == "augself", "lambda"]))
+    return {
+        "commit": f"`{context.get('commit') or 'unknown'}`",
+        "generated": str(context.get("generated_at") or "unknown"),
+        "command": f"`{context.get('command') or 'unknown'}`",
+        "config group": f"`{groups[0]}`" if groups else "unknown",
+        "runs": f"{len(runs)} ({', '.join(dict.fromkeys(runs['method']))}; seeds "
+                f"{', '.join(map(str, sorted(set(runs['seed']))))})",
+        "AugSelf λ": (", ".join(map(lambda_label, lambdas)) or "none")
+                     + (f" (default {lambda_label(default_lambda)})" if default_lambda is not None else ""),
+    }
+
+
+def _markdown(meta: Mapping[str, str], notes: list[str], tables: list[Table], figures: list[_plots.Plot],
+              run_list: pd.DataFrame) -> str:
+    lines = [f"# {TITLE}", "",
+             "Generated by the `report` stage; open `index.html` for the self-contained page (all figures "
+             "and the parameters behind the numbers).", ""]
+    lines += [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    for t in tables:
+        lines += [f"## {t.title}", "", to_markdown(t), "", t.caption, ""]
+    if figures:
+        lines += ["## Figures", ""]
+        for f in figures:
+            lines += [f"### {f.title}", "", f"![{f.title}]({f.png.name})", "", f.caption,
+                      f"([SVG]({f.stem}.svg))", ""]
+    run_table = Table("Runs", "", list(run_list.columns), align_right_from=len(run_list.columns))
+    for row in run_list.itertuples(index=False):
+        run_table.add(list(row))
+    lines += [f"## Runs ({len(run_list)})", "", to_markdown(run_table), ""]
+    return "\n".join(lines)
