@@ -149,3 +149,13 @@ def write_dtd(root: Path, seed: int = 0) -> dict[str, int]:
                 lines.append(f"{c}/{name}")
         (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
     return {split: n * len(classes) for split, n in counts.items()}
+
+
+def write_caltech101(root: Path, per_class: int = 32, seed: int = 0) -> None:
+    """torchvision's ``root/caltech101/101_ObjectCategories/<class>/image_%04d.jpg`` (one greyscale image)."""
+    rng = np.random.default_rng(seed)
+    base = root / "caltech101" / "101_ObjectCategories"
+    for c in ("BACKGROUND_Google", "accordion", "airplanes"):
+        for k in range(1, per_class + 1):
+            write_image(base / c / f"image_{k:04d}.jpg", (30, 20), rng, fmt="JPEG")
+    Image.fromarray(rng.integers(0, 256, size=(20, 30), dtype=np.uint8)).save(base / "accordion" / "image_0001.jpg")

@@ -327,6 +327,22 @@ def test_dtd_through_torchvision_uses_train_plus_val(tmp_path):
     assert sorted(set(test.labels["class"])) == [0, 1]
 
 
+def test_caltech101_per_class_split_from_seed(tmp_path):
+    """No official split: 30 images per class for train from data.seed, the rest for test."""
+    fakes.write_caltech101(tmp_path / "raw", per_class=32)
+    p = params(tmp_path)
+    prepare_dataset("caltech101", DatasetEntry(tasks=["class"], image_size=16), p)
+    train, test = (load_split(p.prepared, "caltech101", s) for s in ("train", "test"))
+    assert np.bincount(train.labels["class"]).tolist() == [30, 30]
+    assert np.bincount(test.labels["class"]).tolist() == [2, 2]
+    assert train.meta["tasks"]["class"]["class_names"] == ["accordion", "airplanes"]
+    assert test.images.shape == (4, 16, 16, 3)
+    other = params(tmp_path / "s1", seed=1)
+    other.root = p.root
+    prepare_dataset("caltech101", DatasetEntry(tasks=["class"], image_size=16), other)
+    assert not np.array_equal(load_split(other.prepared, "caltech101", "test").images, test.images)
+
+
 # ----------------------------------------------------------------------------------------- digits
 def test_digits_split_and_rgb(tmp_path):
     p = params(tmp_path)

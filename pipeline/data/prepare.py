@@ -71,9 +71,7 @@ def _locate(name: str, spec: DatasetSpec, data: DataParams) -> Path:
     log.info("%s: downloading into %s with torchvision (data.download is true)", name, data.root)
     try:
         spec.source.download(data)
-    except CorruptDatasetError:
-        raise
-    except Exception as e:  # network errors come in many types (URLError, RuntimeError, OSError ...)
+    except Exception as e:  # network and archive errors come in many types (URLError, RuntimeError, OSError ...)
         raise _not_found(name, spec.source, data, f"download failed: {type(e).__name__}: {e}") from e
     found = _find(spec.source, data)
     if found is None:
@@ -89,6 +87,16 @@ def subsample(n: int, limit: int, seed: int, name: str, split: str) -> np.ndarra
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
+def _check_labels(raw) -> None:
+    """Every label indexes its task's class names (a wrong file, e.g. CIFAR-100 pickles named CIFAR-10)."""
+    for split, rs in raw.splits.items():
+        for task, y in rs.labels.items():
+            n = len(raw.class_names[task])
+            if len(y) and (y.min() < 0 or y.max() >= n):
+                raise CorruptDatasetError(f"{raw.origin}: {split} labels of task {task!r} span "
+                                          f"{y.min()}..{y.max()} but there are {n} classes", raw.origin)
+
+
 def prepare_dataset(name: str, entry: DatasetEntry, data_params: DataParams) -> Path:
     """Build ``<data.prepared>/<name>/`` from the raw files; return that directory."""
     spec = check_entry(name, entry)
@@ -98,6 +106,7 @@ def prepare_dataset(name: str, entry: DatasetEntry, data_params: DataParams) -> 
     start = time.perf_counter()
     try:
         raw = spec.source.open(source_dir, data_params)
+        _check_labels(raw)
         with prepared.staging(target) as tmp:
             counts = {}
             for split, rs in raw.splits.items():

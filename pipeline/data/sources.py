@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.data import cfmnist, readers
-from pipeline.data.errors import CorruptDatasetError, DatasetUnavailableError
+from pipeline.data.errors import CorruptDatasetError
 from pipeline.data.images import load_image_file, pil_to_square, resize_batch
 from pipeline.params import DataParams
 
@@ -118,8 +118,7 @@ class Source(ABC):
 
     def repair(self, data: DataParams) -> str:
         """What a user does about a corrupt file."""
-        how = f"delete the damaged file and {self.fix(data)}"
-        return how
+        return f"delete the damaged file and {self.fix(data)}"
 
 
 # --------------------------------------------------------------------------------------- MNIST family
