@@ -44,7 +44,8 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     """Regenerate the report in ``out_dir``; return the files written.
 
     ``context``: ``commit``, ``generated_at``, ``params`` (flattened, dotted keys; a nested mapping is
-    flattened here), ``command`` and optional ``notes`` (a string or a list of strings).  The default λ
+    flattened here), ``command``, optional ``notes`` (a string or a list of strings) and optional
+    ``source`` (where the runs were read from, shown next to the commit).  The default λ
     of the Δ rows is ``params['augself.lambda']``.  Previous ``fig_*`` files in ``out_dir`` are removed
     first, so a figure that can no longer be drawn does not linger.
     """
@@ -178,6 +179,7 @@ def _meta(context: Mapping, runs: pd.DataFrame, default_lambda: float | None) ->
         "generated": str(context.get("generated_at") or "unknown"),
         "command": f"`{context.get('command') or 'unknown'}`",
         "config group": f"`{groups[0]}`" if groups else "unknown",
+        **({"source": str(context["source"])} if context.get("source") else {}),
         "runs": f"{len(runs)} ({', '.join(dict.fromkeys(runs['method']))}; seeds "
                 f"{', '.join(map(str, sorted(set(runs['seed']))))})",
         "AugSelf λ": (", ".join(map(lambda_label, lambdas)) or "none")

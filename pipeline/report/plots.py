@@ -123,8 +123,8 @@ def bar_figure(runs: pd.DataFrame, summary: pd.DataFrame, specs: list[MetricSpec
                 ax.errorbar((x + offset)[ok], means[ok], yerr=stds[ok], fmt="none", ecolor="#333333",
                             capsize=3, linewidth=1.1, zorder=4)
             for i, m in enumerate(methods):
-                values = runs.loc[(runs["method"] == m) & (runs["variant"] == variant) & (runs["lambda"] == lam),
-                                  spec.column].dropna().to_numpy() if spec.column in runs else np.array([])
+                seeds = (runs["method"] == m) & (runs["variant"] == variant) & (runs["lambda"] == lam)
+                values = runs.loc[seeds, spec.column].dropna().to_numpy()
                 if values.size:
                     jitter = np.linspace(-width * 0.22, width * 0.22, values.size) if values.size > 1 else [0.0]
                     ax.scatter(x[i] + offset + np.asarray(jitter), values, s=14, color="black", zorder=5,
