@@ -31,6 +31,7 @@ def stage(description: str, positional: tuple[str, ...] = ()) -> Callable:
             args = parser.parse_args(argv)
             try:
                 params = load_params(args.params)
+                check_dataset_entries(params)
                 fn(params, args)
             except ConfigError as e:
                 print(f"error: {args.params}: {e}", file=sys.stderr)
@@ -52,6 +53,14 @@ def stage(description: str, positional: tuple[str, ...] = ()) -> Callable:
         return main
 
     return wrap
+
+
+def check_dataset_entries(params: Params) -> None:
+    """Every dataset named in data.datasets is registered and its entry fits it (ConfigError if not)."""
+    from pipeline.data.registry import check_entry
+
+    for name, entry in params.data.datasets.items():
+        check_entry(name, entry)
 
 
 def write_json(path: Path, data: dict) -> None:

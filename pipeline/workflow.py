@@ -73,7 +73,9 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     out_dir = Path(models_dir) / f"{method}-{variant}"
     out_dir.mkdir(parents=True, exist_ok=True)
     check_fewshot_feasible(params)
-    images = _load_split(params, params.data.pretrain, "train").images
+    from pipeline.data import pretrain_images
+
+    images = pretrain_images(params.data.prepared, params.data.pretrain)
 
     tracker = Tracker(params, enabled=params.tracking.enabled and track)
     resuming = checkpoint_resumable(params, method, variant, out_dir)
