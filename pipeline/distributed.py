@@ -9,7 +9,7 @@ Conventions
 * Gathers concatenate along dim 0 in rank order, so the gathered global batch has the same order
   as the batch one process would have seen (rank r holds rows ``[r·B, (r+1)·B)``).
 * :func:`gather_with_grad` is differentiable: its backward sums the incoming gradients over all
-  ranks and returns each rank its own slice (``torch.distributed.nn.functional.all_gather``), so a
+  ranks and returns each rank its own slice, so a
   loss that uses the gathered tensor as negatives yields, after DDP's gradient averaging, the same
   gradient as one process computing the loss over the whole batch (the mean over ranks of per-rank
   means over equal-sized local batches).
@@ -42,6 +42,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the sum over ranks of the gradient of its rows.
+
+    Written on the public ``all_gather`` / ``all_reduce`` (works on gloo and nccl alike); the
+    backward all-reduces the whole (N, ...) gradient, which for embedding-sized tensors costs less
+    than it saves in code (``torch.distributed.nn.functional.all_gather`` is deprecated and falls
+    back to all-to-all on gloo).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.lo, ctx.hi = dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.lo:ctx.hi]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (B, ...) from all ranks along dim 0, keeping the autograd graph.
 
@@ -49,8 +72,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather  # imported lazily: pulls in RPC bits
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
