@@ -1,0 +1,653 @@
+"""The pretraining loop: one SSL method, optionally with the AugSelf auxiliary loss.
+
+``pretrain(params, method, variant, images, out_dir)`` trains ``method`` on ``images`` (uint8 NHWC)
+and writes, under ``out_dir``:
+
+``checkpoint.pt``  resumable state (atomic write): model, AugSelf head, optimiser, scheduler, AMP
+                   scaler, step, epoch, RNG states, loss history, and the :func:`training_hash`.
+``final.pt``       the backbone in the format evaluation reads (``docs/architecture.md``).
+``metrics.json``   ``pretrain/*`` means over the last epoch, images/s and wall time.
+``losses.csv``     one row per log point: step, epoch, the ``pretrain/*`` columns.
+
+Conventions
+-----------
+* **Loss.** ``L = L_SSL + λ·Σ_aug w_aug·L_aug`` with ``λ = params.lambda_for(variant)``.  With
+  ``λ = 0`` no AugSelf head is built, so the baseline pays nothing for it.
+* **Data.** The whole uint8 array lives on the training device (copied from pinned memory when it
+  goes to CUDA).  Epoch ``e`` visits a permutation drawn from a generator seeded by ``(seed, e)``;
+  batches of ``ssl.batch_size`` (the *global* batch) with the last incomplete one dropped.  Under DDP
+  every rank draws the same permutation and takes its contiguous slice of each global batch.
+* **Views.** Two :class:`~pipeline.augment.BatchAugment` calls on one generator from
+  :func:`~pipeline.augment.view_generator` ``(seed, epoch, step, rank)`` (``step`` is the global step
+  index), so a resumed run sees exactly the views of an uninterrupted one.  Views have the size of
+  the images.
+* **Optimisation** (the official AugSelf recipe): SGD over every trainable parameter (backbone,
+  heads, AugSelf head), ``lr = ssl.lr · batch_size / 256``, momentum, weight decay on all
+  parameters; SimSiam's predictor keeps a constant lr (its ``fixed_lr_parameters``, the official
+  second optimiser without scheduler).  The schedule is cosine **per step** with a linear warm-up
+  of ``ssl.warmup_epochs``;
+  the official code steps ``CosineAnnealingLR`` once per epoch (200 epochs there, so the two curves
+  nearly coincide; per step keeps short CPU runs smooth and makes the lr a pure function of the
+  step, which exact resume needs).
+* **Precision and speed.** ``ssl.amp``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``fp16`` uses
+  a gradient scaler.  ``ssl.channels_last`` puts model and views in NHWC memory.  ``ssl.compile``
+  wraps the model in ``torch.compile``.  ``ssl.threads > 0`` sets ``torch.set_num_threads`` for the run.
+* **No host sync per step.** Each step's loss terms are written into a small device buffer; it is
+  read back every ``ssl.log_every`` steps (and before each checkpoint), which is when ``on_log`` is
+  called, the progress bar updated and non-finite losses detected.  A non-finite term raises
+  :class:`NonFiniteLossError` naming the first bad step and term; since the check runs before every
+  checkpoint write, the last good checkpoint is never overwritten with a diverged model.
+* **Checkpoints** every ``ssl.checkpoint_every`` steps and at the end.  On start an existing
+  ``checkpoint.pt`` with the same hash (and world size) is resumed; one with another hash is
+  reported and ignored (a fresh run overwrites it).  A finished checkpoint skips training and only
+  (re)writes the outputs.
+* **DDP** (``torchrun``, ``WORLD_SIZE > 1``): ``ssl.batch_size`` is the global batch and must divide
+  by the world size; the model (method + AugSelf head) is wrapped in ``DistributedDataParallel``;
+  on CUDA every BatchNorm is converted to ``SyncBatchNorm``, as the official code does for all its
+  networks (``idist.auto_model(sync_bn=True)``).  It matters most for SimCLR and MoCo: with per-rank
+  BN statistics the positives of a rank share batch statistics that its negatives from other ranks
+  do not, a shortcut the contrastive loss learns to exploit (the reason MoCo v1 shuffles BN); BYOL
+  and SimSiam are less sensitive but are trained the same way for comparability.  ``torch``'s
+  SyncBatchNorm has no CPU kernel, so gloo (CPU) runs keep per-rank BN and say so.  Only rank 0
+  writes files, logs and draws the progress bar; the loss buffer is averaged over ranks when read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from pipeline import checkpoint as ckpt_io
+from pipeline import distributed
+from pipeline.augment import BatchAugment, view_generator
+from pipeline.augself import build_augself_head
+from pipeline.config import ConfigError, check_choice, stable_hash, to_dict
+from pipeline.methods import build_method
+from pipeline.models import build_backbone
+from pipeline.params import METHODS, VARIANTS, Params
+
+__all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "checkpoint_resumable", "PretrainModel",
+           "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",
+           "CHECKPOINT", "FINAL", "METRICS", "LOSSES"]
+
+CHECKPOINT, FINAL, METRICS, LOSSES = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv"
+NAN_ENV = "AUGSELF_INJECT_NAN"   # test hook, see pretrain(inject_nan=...)
+_CKPT_VERSION = 1
+# ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed):
+# editing them must not void a run in progress.
+_NOT_TRAINING_KEYS = ("methods", "checkpoint_every", "log_every", "threads") + METHODS
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or ±inf.  ``step`` is 1-based (the step that produced it)."""
+
+    def __init__(self, step: int, term: str, value: float, checkpoint: Path | None = None):
+        self.step, self.term, self.value = step, term, value
+        where = (f"; the last good checkpoint ({checkpoint}) was left untouched" if checkpoint
+                 else "; no checkpoint was written after it")
+        super().__init__(f"non-finite loss at step {step}: term '{term}' = {value}{where}. "
+                         f"Lower ssl.lr, add ssl.warmup_epochs or set ssl.amp: off, then rerun.")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int                         # steps done (== total_steps when finished)
+    total_steps: int
+    finished: bool                    # False when stopped early by max_steps
+    resumed_from: int                 # 0 for a fresh run
+    params_hash: str
+    metrics: dict[str, float] = field(default_factory=dict)   # what metrics.json holds
+    checkpoint: Path | None = None
+    final: Path | None = None         # final.pt (None until the schedule is complete)
+
+
+# ---------------------------------------------------------------------------- config helpers
+def training_hash(params: Params, method: str, variant: str) -> str:
+    """Hash of everything that determines the trained weights of (method, variant).
+
+    Covers the seed, the pretraining dataset (its name, its entry under ``data.datasets`` and
+    ``data.seed``, which fix the images), ``ssl`` without the bookkeeping keys (``methods``,
+    ``checkpoint_every``, ``log_every``, ``threads``) and without the other methods' sections,
+    ``augment``, this method's parameters, λ, and ``augself`` when λ > 0 (a baseline does not
+    depend on it).
+    """
+    check_choice("method", method, METHODS)
+    lam = params.lambda_for(variant)
+    d = to_dict(params)
+    payload = {
+        "seed": d["seed"],
+        "data": {"pretrain": d["data"]["pretrain"], "seed": d["data"]["seed"],
+                 "entry": d["data"]["datasets"][d["data"]["pretrain"]]},
+        "ssl": {k: v for k, v in d["ssl"].items() if k not in _NOT_TRAINING_KEYS},
+        "augment": d["augment"],
+        "method": method,
+        "method_params": d["ssl"][method],
+        "lambda": lam,
+    }
+    if lam > 0:
+        payload["augself"] = {k: v for k, v in d["augself"].items() if k != "lambda"}
+    return stable_hash(payload)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``ssl.amp`` → autocast dtype (None: full fp32).  ``auto``: bf16 on CUDA, off elsewhere."""
+    check_choice("ssl.amp", amp, ("auto", "bf16", "fp16", "off"))
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base lr for 0-based ``step``: linear warm-up to 1, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _derive_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8,
+                             person=b"augself-train").digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_derive_seed(seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+# ---------------------------------------------------------------------------- model and step
+class PretrainModel(nn.Module):
+    """The SSL method and (when λ > 0) the AugSelf head: one forward gives every loss term.
+
+    One module so that DDP wraps a single forward.  ``forward`` returns ``(total, terms)`` where
+    ``terms`` is a 1-d tensor ``[L_SSL, L_aug for aug in augs..., total]`` (unweighted per-aug
+    losses) that the loop logs without a host sync.
+    """
+
+    def __init__(self, method: nn.Module, head: nn.Module | None, lam: float):
+        super().__init__()
+        self.method = method
+        self.head = head
+        self.lam = float(lam)
+        self.augs: list[str] = list(head.augmentations) if head is not None else []
+
+    @property
+    def term_names(self) -> list[str]:
+        return ["ssl", *(f"augself/{a}" for a in self.augs), "total"]
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, omega1: dict[str, torch.Tensor],
+                omega2: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.method(v1, v2)
+        loss_ssl = out.loss.float()
+        if self.head is None:
+            return loss_ssl, torch.stack([loss_ssl, loss_ssl])
+        aug_losses = {a: loss.float() for a, loss in self.head.loss_from_omega(out.f1, out.f2, omega1, omega2).items()}
+        total = loss_ssl + self.lam * self.head.weighted_total(aug_losses)
+        per_aug = [aug_losses[a] for a in self.augs]
+        return total, torch.stack([loss_ssl, *per_aug, total])
+
+
+def build_pretrain_model(params: Params, method: str, variant: str, image_size: int) -> tuple[PretrainModel, nn.Module, dict]:
+    """Build backbone, method and head; returns ``(model, backbone, backbone_info)``.
+
+    ``backbone_info`` holds the keys of final.pt that describe the architecture.  Parameters are
+    initialised from the global torch RNG: seed it first for a reproducible initialisation.
+    """
+    ssl = params.ssl
+    lam = params.lambda_for(variant)
+    cifar_stem = ssl.cifar_stem if ssl.cifar_stem is not None else image_size <= 64
+    backbone, feat_dim = build_backbone(ssl.backbone, image_size, ssl.width, cifar_stem)
+    ssl_method = build_method(method, backbone, feat_dim, ssl.method(method))
+    head = build_augself_head(feat_dim, params.augself, lam)
+    info = {"backbone_name": ssl.backbone, "width": ssl.width, "cifar_stem": bool(cifar_stem),
+            "image_size": int(image_size), "feat_dim": int(feat_dim)}
+    return PretrainModel(ssl_method, head, lam), backbone, info
+
+
+def build_optimizer(params: Params, model: PretrainModel, steps_per_epoch: int, total_steps: int):
+    """SGD over the trainable parameters (lr scaled by batch/256) and the per-step schedule.
+
+    Parameters the method lists in ``fixed_lr_parameters()`` (SimSiam's predictor) get their own
+    param group that warms up with the others but is not cosine-decayed, as the official code
+    does with its second, unscheduled optimiser.  Group 0 is the scheduled one (its lr is logged).
+    """
+    ssl = params.ssl
+    lr = ssl.lr * ssl.batch_size / 256
+    fixed_ids = {id(p) for p in model.method.fixed_lr_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in fixed_ids]}]
+    fixed = [p for p in trainable if id(p) in fixed_ids]
+    if fixed:
+        groups.append({"params": fixed})
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=ssl.momentum, weight_decay=ssl.weight_decay)
+    warmup = int(round(ssl.warmup_epochs * steps_per_epoch))
+    schedules = [lambda s: lr_factor(s, total_steps, warmup),
+                 lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0][:len(groups)]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    return optimizer, scheduler
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+               v1: torch.Tensor, v2: torch.Tensor, omega1: dict, omega2: dict,
+               amp_dtype: torch.dtype | None, nan_term: int | None = None) -> torch.Tensor:
+    """One optimisation step; returns the detached loss terms (a device tensor, no host sync).
+
+    ``nan_term`` (test hook) adds NaN to that entry of the terms before the backward pass, which
+    poisons the weights the way a real divergence would.
+    """
+    device_type = v1.device.type
+    autocast = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+    with autocast:
+        total, terms = model(v1, v2, omega1, omega2)
+    if nan_term is not None:
+        total = total + float("nan")
+        terms = terms.detach().clone()
+        terms[nan_term] = float("nan")
+        terms[-1] = float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        optimizer.step()
+    scheduler.step()
+    return terms.detach()
+
+
+# ---------------------------------------------------------------------------- loss bookkeeping
+class _LossLog:
+    """Per-step loss terms: device buffer → host sums per log window and per epoch."""
+
+    def __init__(self, names: list[str], size: int, device: torch.device):
+        self.names = names
+        self.buf = torch.zeros(size, len(names), device=device)
+        self.buf_steps: list[tuple[int, int]] = []    # (1-based step, epoch) of each buffered row
+        self.window = np.zeros(len(names))
+        self.window_n = 0
+        self.epochs: dict[int, list] = {}              # epoch → [sum vector, count]
+        self.rows: list[dict] = []                     # losses.csv rows so far
+
+    def push(self, terms: torch.Tensor, step: int, epoch: int) -> None:
+        self.buf[len(self.buf_steps)] = terms
+        self.buf_steps.append((step, epoch))
+
+    @property
+    def full(self) -> bool:
+        return len(self.buf_steps) == self.buf.shape[0]
+
+    def flush(self) -> None:
+        """Read the buffered steps back (one sync), check finiteness, add to the host sums."""
+        n = len(self.buf_steps)
+        if n == 0:
+            return
+        rows = self.buf[:n]
+        if distributed.is_dist():
+            rows = rows.clone()
+            torch_dist.all_reduce(rows)                   # NaN on any rank reaches every rank
+            rows /= distributed.world_size()
+        values = rows.cpu().numpy().astype(np.float64)
+        steps, self.buf_steps = self.buf_steps, []
+        for (step, epoch), v in zip(steps, values):
+            if not np.isfinite(v).all():
+                j = int(np.flatnonzero(~np.isfinite(v))[0])
+                raise NonFiniteLossError(step, self.names[j], float(v[j]))
+            self.window += v
+            self.window_n += 1
+            acc = self.epochs.setdefault(epoch, [np.zeros(len(self.names)), 0])
+            acc[0] += v
+            acc[1] += 1
+        for e in sorted(self.epochs)[:-2]:                 # keep the current and the last full epoch
+            del self.epochs[e]
+
+    def take_window(self) -> dict[str, float]:
+        mean = self.window / max(1, self.window_n)
+        self.window[:] = 0
+        self.window_n = 0
+        return {f"pretrain/loss_{k}": float(x) for k, x in zip(self.names, mean)}
+
+    def epoch_means(self, epoch: int) -> dict[str, float]:
+        s, n = self.epochs[epoch]
+        return {f"pretrain/loss_{k}": float(x) for k, x in zip(self.names, s / n)}
+
+    def state(self) -> dict:
+        return {"epochs": {e: (s.tolist(), n) for e, (s, n) in self.epochs.items()}, "rows": list(self.rows),
+                "window": (self.window.tolist(), self.window_n)}
+
+    def load(self, state: dict) -> None:
+        self.epochs = {int(e): [np.array(s), n] for e, (s, n) in state["epochs"].items()}
+        self.rows = list(state["rows"])
+        self.window, self.window_n = np.array(state["window"][0]), state["window"][1]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _say(msg: str) -> None:
+    if distributed.is_main():
+        print(f"[pretrain] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    disable = not (enabled and distributed.is_main() and sys.stderr.isatty())
+    return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="step",
+                dynamic_ncols=True, leave=True)
+
+
+def _parse_nan_hook(inject_nan: str | None) -> tuple[int, str] | None:
+    spec = inject_nan if inject_nan is not None else os.environ.get(NAN_ENV)
+    if not spec:
+        return None
+    step, _, term = spec.partition(":")
+    try:
+        return int(step), term or "ssl"
+    except ValueError:
+        raise ValueError(f"inject_nan / {NAN_ENV}: expected '<step>[:<term>]', got {spec!r}") from None
+
+
+def _validate_images(images: np.ndarray, batch_size: int) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError("pretrain: images must be a uint8 numpy array (N, H, W, 3) as load_split returns; got "
+                         f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}")
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"pretrain: images must be square (prepare them with data.datasets.<name>.image_size); "
+                         f"got {images.shape[1]}x{images.shape[2]}")
+    if images.shape[0] < batch_size:
+        raise ConfigError(f"ssl.batch_size: {batch_size} is larger than the {images.shape[0]} pretraining images; "
+                          f"lower ssl.batch_size or raise data.datasets.<name>.max_train")
+
+
+# ---------------------------------------------------------------------------- the loop
+def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_dir: str | Path,
+             on_log: Callable[[int, dict[str, float]], None] | None = None, device: str | None = None,
+             max_steps: int | None = None, progress: bool = True,
+             inject_nan: str | None = None) -> TrainResult:
+    """Pretrain ``method`` (``variant`` ``baseline``: λ = 0, ``augself``: λ = augself.lambda) on ``images``.
+
+    ``images``: uint8 ``(N, S, S, 3)``.  ``device``: default ``cuda`` when available (under DDP the
+    rank's ``cuda:LOCAL_RANK``), else ``cpu``.  ``on_log(step, metrics)`` is called on rank 0 every
+    ``ssl.log_every`` steps and at the last step with the window means of the ``pretrain/*`` terms,
+    the lr and images/s.  ``max_steps`` stops after that many steps in total (the schedule is still
+    the one of ``ssl.epochs``; the run can be resumed later); ``final.pt`` and ``metrics.json`` are
+    written only once the schedule is complete.
+
+    ``inject_nan`` is a **test hook**: ``"<step>[:<term>]"`` (1-based step; term ``ssl`` (default),
+    ``augself/<aug>`` or ``total``) poisons that loss term with NaN; the environment variable
+    ``AUGSELF_INJECT_NAN`` does the same for a run launched from the command line.
+    """
+    check_choice("method", method, METHODS)
+    check_choice("variant", variant, VARIANTS)
+    ssl = params.ssl
+    _validate_images(images, ssl.batch_size)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ssl.batch_size % env_world:
+        raise ConfigError(f"ssl.batch_size: {ssl.batch_size} does not divide by the world size {env_world} "
+                          f"(the global batch is split evenly across DDP ranks); use a multiple of {env_world}")
+    nan_hook = _parse_nan_hook(inject_nan)
+    out_dir = Path(out_dir)
+
+    ctx = distributed.setup_from_env() if env_world > 1 else None
+    threads = torch.get_num_threads()
+    try:
+        if ctx is not None:
+            dev = ctx.device
+        else:
+            dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _pretrain(params, method, variant, images, out_dir, on_log, dev, max_steps, progress, nan_hook)
+    finally:
+        torch.set_num_threads(threads)       # ssl.threads applies to this run only
+        if ctx is not None:
+            distributed.cleanup()
+
+
+def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_dir: Path, on_log,
+              dev: torch.device, max_steps: int | None, progress: bool,
+              nan_hook: tuple[int, str] | None) -> TrainResult:
+    ssl = params.ssl
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    lam = params.lambda_for(variant)
+    phash = training_hash(params, method, variant)
+    if ssl.threads > 0:
+        torch.set_num_threads(ssl.threads)
+
+    n, size = images.shape[0], images.shape[1]
+    global_batch, local_batch = ssl.batch_size, ssl.batch_size // world
+    steps_per_epoch = n // global_batch
+    total_steps = ssl.epochs * steps_per_epoch
+    stop_at = total_steps if max_steps is None else min(total_steps, max(0, int(max_steps)))
+    amp_dtype = resolve_amp(ssl.amp, dev)
+    ckpt_path = out_dir / CHECKPOINT
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Model: identical initialisation on every rank (DDP also broadcasts it).
+    torch.manual_seed(params.seed)
+    model, backbone, arch = build_pretrain_model(params, method, variant, size)
+    model.to(dev)
+    if ssl.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(params, model, steps_per_epoch, total_steps)
+    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    log = _LossLog(model.term_names, ssl.log_every, dev)
+    if nan_hook is not None and nan_hook[1] not in model.term_names:
+        raise ValueError(f"inject_nan: unknown term {nan_hook[1]!r}; this run has {', '.join(model.term_names)}")
+
+    # Resume?
+    start, wall, images_seen = 0, 0.0, 0
+    state = _read_checkpoint(ckpt_path, phash, world)
+    if state is not None:
+        model.method.load_state_dict(state["model"])
+        if model.head is not None:
+            model.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        log.load(state["log"])
+        start, wall, images_seen = state["step"], state["wall_time_s"], state["images_seen"]
+        rng = state["rng"][rank] if rank < len(state["rng"]) else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if dev.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"], dev)
+        if main:                                      # drop log rows past the checkpoint
+            _write_csv(out_dir / LOSSES, log.rows)
+        if start >= total_steps:
+            _say(f"{ckpt_path} is finished ({start}/{total_steps} steps): rewriting the outputs only")
+        else:
+            _say(f"resuming from {ckpt_path} at step {start}/{total_steps} (epoch {start // steps_per_epoch})")
+    else:
+        torch.manual_seed(_derive_seed(params.seed, 1 + rank))      # per-rank stream for the methods
+        if main:
+            for stale in (FINAL, METRICS, LOSSES):
+                (out_dir / stale).unlink(missing_ok=True)
+
+    # Distribution and compilation wrap the model for the forward; state is saved from `model`.
+    runner: nn.Module = model
+    if world > 1:
+        if dev.type == "cuda":
+            runner = nn.SyncBatchNorm.convert_sync_batchnorm(runner)
+        else:
+            _say("gloo on CPU: SyncBatchNorm has no CPU kernel, BatchNorm statistics stay per rank")
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if ssl.compile:
+        runner = torch.compile(runner)
+
+    def save_checkpoint(step: int) -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+        rngs = [None] * world
+        if world > 1:
+            torch_dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if not main:
+            return
+        ckpt_io.save_atomic({
+            "version": _CKPT_VERSION, "params_hash": phash, "world_size": world,
+            "method": method, "variant": variant, "lambda": lam,
+            "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+            "model": model.method.state_dict(),
+            "head": model.head.state_dict() if model.head is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs, "log": log.state(), "wall_time_s": wall, "images_seen": images_seen,
+        }, ckpt_path)
+
+    # Data on the training device, once.
+    data = torch.from_numpy(images)
+    if dev.type == "cuda":
+        data = data.pin_memory()
+    data = data.to(dev, non_blocking=True)
+    augment = BatchAugment(params.augment, size)
+    nan_term = model.term_names.index(nan_hook[1]) if nan_hook else None
+
+    model.train()
+    bar = _progress_bar(total_steps, start, progress, f"{method}-{variant}")
+    step, perm_epoch, perm = start, -1, None
+    window_t0, window_images = time.perf_counter(), 0
+    try:
+        while step < stop_at:
+            epoch, i = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm = _epoch_permutation(params.seed, epoch, n)[: steps_per_epoch * global_batch].to(dev)
+                perm_epoch = epoch
+            lo = i * global_batch + rank * local_batch
+            x = data[perm[lo: lo + local_batch]]
+            gen = view_generator(params.seed, epoch, step, "cpu", rank)
+            v1, w1 = augment(x, gen)
+            v2, w2 = augment(x, gen)
+            step += 1
+            terms = train_step(runner, optimizer, scheduler, scaler, v1, v2, w1, w2, amp_dtype,
+                               nan_term if nan_hook and nan_hook[0] == step else None)
+            model.method.on_step_end(step / total_steps)
+            log.push(terms, step, epoch)
+            window_images += global_batch
+            bar.update(1)
+
+            at_log = step % ssl.log_every == 0 or step == total_steps
+            at_ckpt = step % ssl.checkpoint_every == 0 or step == stop_at
+            if at_log or at_ckpt or log.full:
+                try:
+                    log.flush()
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(e.step, e.term, e.value,
+                                             ckpt_path if ckpt_path.exists() else None) from None
+            if at_log:
+                now = time.perf_counter()
+                wall += now - window_t0
+                images_seen += window_images
+                metrics = log.take_window()
+                metrics["pretrain/lr"] = float(optimizer.param_groups[0]["lr"])
+                metrics["pretrain/images_per_s"] = window_images / max(now - window_t0, 1e-9)
+                if main:
+                    row = {"step": step, "epoch": (step - 1) // steps_per_epoch, **metrics}
+                    log.rows.append(row)
+                    _append_csv(out_dir / LOSSES, row)
+                    bar.set_postfix(loss=f"{metrics['pretrain/loss_total']:.4f}",
+                                    img_s=f"{metrics['pretrain/images_per_s']:.0f}")
+                    if on_log is not None:
+                        on_log(step, metrics)
+                window_images = 0
+                window_t0 = time.perf_counter()
+            if at_ckpt:
+                t0 = time.perf_counter()
+                save_checkpoint(step)
+                window_t0 += time.perf_counter() - t0          # checkpoint I/O is not training time
+    finally:
+        bar.close()
+
+    finished = step >= total_steps
+    last_epoch = max(log.epochs) if log.epochs else None
+    metrics = log.epoch_means(last_epoch) if last_epoch is not None else {}
+    metrics.update({"pretrain/images_per_s": images_seen / wall if wall > 0 else 0.0,
+                    "pretrain/wall_time_s": wall, "pretrain/steps": float(step),
+                    "pretrain/epochs": float(step / steps_per_epoch)})
+    result = TrainResult(out_dir=out_dir, step=step, total_steps=total_steps, finished=finished,
+                         resumed_from=start, params_hash=phash, metrics=metrics,
+                         checkpoint=ckpt_path if ckpt_path.exists() else None)
+    if finished and main:
+        final = {"backbone": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()},
+                 **arch, "method": method, "variant": variant, "lambda": lam,
+                 "mean": list(params.augment.mean), "std": list(params.augment.std), "params_hash": phash}
+        result.final = ckpt_io.save_atomic(final, out_dir / FINAL)
+        _write_json(out_dir / METRICS, metrics)
+        _write_csv(out_dir / LOSSES, log.rows)
+    return result
+
+
+def checkpoint_resumable(params: Params, method: str, variant: str, out_dir: str | Path) -> bool:
+    """True when ``out_dir/checkpoint.pt`` exists and :func:`pretrain` would resume it (same hash)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return False
+    try:
+        state = ckpt_io.load(path, map_location="cpu")
+    except Exception:
+        return False
+    return (state.get("version") == _CKPT_VERSION
+            and state.get("params_hash") == training_hash(params, method, variant)
+            and state.get("world_size") == int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _read_checkpoint(path: Path, phash: str, world: int) -> dict | None:
+    """The checkpoint to resume from, or None (absent, or written for another configuration)."""
+    if not path.exists():
+        return None
+    try:
+        state = ckpt_io.load(path, map_location="cpu")   # RNG states must stay CPU tensors
+    except Exception as e:  # a foreign or damaged file: report it, never resume from it
+        _say(f"{path} could not be read ({type(e).__name__}: {e}); starting fresh")
+        return None
+    if state.get("version") != _CKPT_VERSION or state.get("params_hash") != phash:
+        _say(f"{path} was written for params hash {state.get('params_hash')}, this run is {phash}: "
+             f"not resuming it, starting fresh (it will be overwritten)")
+        return None
+    if state.get("world_size") != world:
+        _say(f"{path} was written by {state.get('world_size')} process(es), this run has {world}: "
+             f"the views and batch statistics would differ, starting fresh")
+        return None
+    return state
