@@ -82,6 +82,21 @@ def test_forward_returns_loss_and_online_features(name):
     assert out.f1.requires_grad and out.f2.requires_grad           # the AugSelf head trains through them
 
 
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_bf16_autocast_and_channels_last(name):
+    """The loop runs methods under autocast and in channels_last: losses stay float32 and finite,
+    and the momentum update and the queue accept what that produces."""
+    method = tiny_method(name).to(memory_format=torch.channels_last)
+    v1, v2 = (v.to(memory_format=torch.channels_last) for v in two_views(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(v1, v2)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    method.on_step_end(0.5)
+    if name == "moco":
+        assert method.queue.dtype == torch.float32 and int(method.queue_ptr) == 16
+
+
 # ----------------------------------------------------------------------------------- SimCLR
 def test_nt_xent_identical_orthogonal_embeddings_by_hand():
     # z1 = z2 = two orthonormal vectors: for every anchor the positive has similarity 1 and the two
