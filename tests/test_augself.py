@@ -1,0 +1,196 @@
+"""AugSelf targets, head and losses (CPU, tiny shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.augment import BatchAugment
+from pipeline.augself import AUG_OUTPUTS, AugSelfHead, augself_targets, build_augself_head, weighted_total
+from pipeline.config import ConfigError
+from pipeline.params import AugmentParams, AugSelfParams
+
+ALL = ["crop", "flip", "color", "blur"]
+
+
+def omega(crop, flip, color=None, blur=None) -> dict[str, torch.Tensor]:
+    n = len(crop)
+    return {
+        "crop": torch.tensor(crop, dtype=torch.float32),
+        "flip": torch.tensor(flip, dtype=torch.float32),
+        "color": torch.tensor(color if color is not None else [[0.0] * 4] * n, dtype=torch.float32),
+        "blur": torch.tensor(blur if blur is not None else [0.0] * n, dtype=torch.float32),
+    }
+
+
+# Sample 0: view 1 flipped, view 2 not.  Sample 1: neither flipped.  Sample 2: both flipped.
+OMEGA1 = omega(crop=[[0.1, 0.2, 0.5, 0.4], [0.0, 0.0, 1.0, 1.0], [0.3, 0.1, 0.2, 0.6]], flip=[1, 0, 1],
+               color=[[0.1, -0.2, 0.3, 0.4], [0, 0, 0, 0], [-0.5, 0.5, 0.0, 0.1]], blur=[0.5, 0.0, 1.0])
+OMEGA2 = omega(crop=[[0.3, 0.5, 0.4, 0.2], [0.2, 0.3, 0.6, 0.4], [0.0, 0.4, 0.8, 0.5]], flip=[0, 0, 1],
+               color=[[0.0, 0.0, 0.0, 0.0], [0.2, 0.1, -0.1, -0.3], [0.5, 0.5, 0.5, 0.5]], blur=[0.25, 0.75, 0.0])
+
+
+# --------------------------------------------------------------------------- targets
+def test_crop_target_mirrors_each_views_centre_with_its_own_flag():
+    t = augself_targets(OMEGA1, OMEGA2, ["crop"])["crop"]
+    # sample 0: centres (0.35, 0.4) → x mirrored to 0.6 (view 1 flipped); (0.5, 0.6) unflipped
+    # sample 1: (0.5, 0.5) and (0.5, 0.5); sample 2: both flipped: 1 − 0.4 and 1 − 0.65
+    expected = torch.tensor([[0.35 - 0.5, 0.6 - 0.6, 0.5 - 0.4, 0.4 - 0.2],
+                             [0.5 - 0.5, 0.5 - 0.5, 1.0 - 0.6, 1.0 - 0.4],
+                             [0.4 - 0.4, 0.6 - 0.35, 0.2 - 0.8, 0.6 - 0.5]])
+    torch.testing.assert_close(t, expected)
+
+
+def test_official_flip_mirror_uses_view_1_flag_for_both_centres():
+    t = augself_targets(OMEGA1, OMEGA2, ["crop"], official_flip_mirror=True)["crop"]
+    # sample 0: view 2's centre x (0.6) is mirrored too, with view 1's flag: 0.6 − (1 − 0.6)
+    assert t[0, 1].item() == pytest.approx(0.6 - 0.4)
+    own = augself_targets(OMEGA1, OMEGA2, ["crop"])["crop"]
+    torch.testing.assert_close(t[1:], own[1:])                 # same flags: the two agree
+    torch.testing.assert_close(t[:, [0, 2, 3]], own[:, [0, 2, 3]])
+    # the official swapped order mirrors both with view 2's flag (unflipped): 0.6 − 0.4, not the negation
+    swapped = augself_targets(OMEGA2, OMEGA1, ["crop"], official_flip_mirror=True)["crop"]
+    assert swapped[0, 1].item() == pytest.approx(0.2) and t[0, 1].item() == pytest.approx(0.2)
+
+
+def test_own_flag_targets_of_the_swapped_order_are_negated_and_flip_is_symmetric():
+    t12 = augself_targets(OMEGA1, OMEGA2, ALL)
+    t21 = augself_targets(OMEGA2, OMEGA1, ALL)
+    for a in ("crop", "color", "blur"):
+        torch.testing.assert_close(t21[a], -t12[a])
+    torch.testing.assert_close(t21["flip"], t12["flip"])
+
+
+def test_flip_color_blur_targets_and_shapes():
+    t = augself_targets(OMEGA1, OMEGA2, ALL)
+    assert {a: tuple(v.shape) for a, v in t.items()} == {a: (3, AUG_OUTPUTS[a][0]) for a in ALL}
+    torch.testing.assert_close(t["flip"], torch.tensor([[0.0], [1.0], [1.0]]))
+    torch.testing.assert_close(t["color"], OMEGA1["color"] - OMEGA2["color"])
+    torch.testing.assert_close(t["blur"], torch.tensor([[0.25], [-0.75], [1.0]]))
+    assert list(augself_targets(OMEGA1, OMEGA2, ["color"])) == ["color"]
+
+
+def test_targets_from_batch_augment_are_in_range():
+    aug = BatchAugment(AugmentParams(blur_p=0.5), 8)
+    x = torch.rand(64, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    (_, o1), (_, o2) = aug(x, g), aug(x, g)
+    t = augself_targets(o1, o2, ALL)
+    for a in ("crop", "color", "blur"):
+        assert t[a].abs().max() <= 1.0 and t[a].abs().max() > 0.05, a
+    assert set(t["flip"].flatten().tolist()) == {0.0, 1.0}
+
+
+def test_unknown_or_empty_augmentations_are_refused():
+    with pytest.raises(ConfigError, match="rotation"):
+        augself_targets(OMEGA1, OMEGA2, ["crop", "rotation"])
+    with pytest.raises(ConfigError, match="empty"):
+        AugSelfHead(8, [])
+
+
+# --------------------------------------------------------------------------- head and losses
+def make_head(augs=ALL, **kw) -> AugSelfHead:
+    torch.manual_seed(0)
+    return AugSelfHead(6, augs, hidden_dim=16, **kw)
+
+
+def features(n=3, d=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def test_head_is_the_official_mlp():
+    head = make_head()
+    assert list(head.heads) == ALL
+    for a, mlp in head.heads.items():
+        kinds = [type(m) for m in mlp]
+        assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+        assert mlp[0].in_features == 12 and mlp[0].bias is None and mlp[3].bias is None
+        assert mlp[6].out_features == AUG_OUTPUTS[a][0] and mlp[6].bias is not None
+
+
+def test_losses_equal_a_direct_symmetric_computation():
+    head = make_head()
+    f1, f2 = features()
+    t = augself_targets(OMEGA1, OMEGA2, ALL)
+    losses = head(f1, f2, t)
+    z = torch.cat([torch.cat([f1, f2], 1), torch.cat([f2, f1], 1)], 0)
+    for a in ("crop", "color", "blur"):
+        direct = ((torch.tanh(head.heads[a](z)) - torch.cat([t[a], -t[a]])) ** 2).mean()
+        torch.testing.assert_close(losses[a], direct)
+    logits = head.heads["flip"](z)
+    y = torch.cat([t["flip"], t["flip"]])
+    direct = -(y * F.logsigmoid(logits) + (1 - y) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(losses["flip"], direct)
+
+
+def test_swapping_the_views_and_their_targets_gives_the_same_losses():
+    head = make_head()
+    f1, f2 = features()
+    t12 = augself_targets(OMEGA1, OMEGA2, ALL)
+    t21 = augself_targets(OMEGA2, OMEGA1, ALL)
+    a, b = head(f1, f2, t12), head(f2, f1, t21)
+    for k in ALL:
+        torch.testing.assert_close(a[k], b[k])
+    # and the loss does depend on the targets' sign (it is not symmetric by accident)
+    c = head(f1, f2, t21)
+    assert not torch.allclose(a["crop"], c["crop"])
+
+
+def test_loss_from_omega_builds_both_orders_and_honours_the_official_switch():
+    f1, f2 = features()
+    for official in (False, True):
+        head = make_head(official_flip_mirror=official)
+        got = head.loss_from_omega(f1, f2, OMEGA1, OMEGA2)
+        want = head(f1, f2, augself_targets(OMEGA1, OMEGA2, ALL, official),
+                    augself_targets(OMEGA2, OMEGA1, ALL, official))
+        for k in ALL:
+            torch.testing.assert_close(got[k], want[k])
+    own = make_head().loss_from_omega(f1, f2, OMEGA1, OMEGA2)["crop"]
+    off = make_head(official_flip_mirror=True).loss_from_omega(f1, f2, OMEGA1, OMEGA2)["crop"]
+    assert not torch.allclose(own, off)
+
+
+def test_gradients_reach_the_features_and_the_head():
+    head = make_head()
+    f1, f2 = (f.requires_grad_() for f in features(n=4))
+    o1 = {k: v.repeat(2, *[1] * (v.ndim - 1))[:4] for k, v in OMEGA1.items()}
+    o2 = {k: v.repeat(2, *[1] * (v.ndim - 1))[:4] for k, v in OMEGA2.items()}
+    total = head.weighted_total(head.loss_from_omega(f1, f2, o1, o2))
+    total.backward()
+    for f in (f1, f2):
+        assert f.grad is not None and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_weighted_total_and_head_weights():
+    losses = {"crop": torch.tensor(2.0), "color": torch.tensor(3.0)}
+    assert weighted_total(losses).item() == 5.0
+    assert weighted_total(losses, {"crop": 0.5}).item() == 4.0
+    head = make_head(["crop", "color"], weights={"crop": 0.5, "color": 2.0})
+    assert head.weighted_total(losses).item() == pytest.approx(7.0)
+    with pytest.raises(ValueError):
+        weighted_total({})
+    with pytest.raises(ConfigError, match="augself.weights"):
+        make_head(["crop"], weights={"crop": -1.0})
+
+
+def test_bad_inputs_to_the_head_raise():
+    head = make_head(["crop"])
+    f1, f2 = features()
+    with pytest.raises(ValueError, match="targets lack"):
+        head(f1, f2, {})
+    with pytest.raises(ValueError, match=r"\(B, 6\)"):
+        head(f1, f2[:, :5], augself_targets(OMEGA1, OMEGA2, ["crop"]))
+
+
+def test_lambda_zero_builds_no_head():
+    params = AugSelfParams(augmentations=["crop", "flip"], weights={"flip": 0.5}, hidden_dim=8)
+    assert build_augself_head(6, params, 0.0) is None
+    head = build_augself_head(6, params, 1.0)
+    assert isinstance(head, AugSelfHead) and list(head.heads) == ["crop", "flip"]
+    assert head.weights == {"crop": 1.0, "flip": 0.5} and head.heads["crop"][0].out_features == 8
+    with pytest.raises(ConfigError, match="augself.lambda"):
+        build_augself_head(6, params, -0.1)
