@@ -9,10 +9,9 @@ Conventions
 * Gathers concatenate along dim 0 in rank order, so the gathered global batch has the same order
   as the batch one process would have seen (rank r holds rows ``[r·B, (r+1)·B)``).
 * :func:`gather_with_grad` is differentiable: its backward sums the incoming gradients over all
-  ranks and returns each rank its own slice, so a
-  loss that uses the gathered tensor as negatives yields, after DDP's gradient averaging, the same
-  gradient as one process computing the loss over the whole batch (the mean over ranks of per-rank
-  means over equal-sized local batches).
+  ranks and returns each rank its own slice, so a loss that uses the gathered tensor as negatives
+  yields, after DDP's gradient averaging, the same gradient as one process computing the loss over
+  the whole batch (the mean over ranks of per-rank means over equal-sized local batches).
 """
 
 from __future__ import annotations
