@@ -55,6 +55,11 @@ the host without a device sync, and the same seed gives the same ω on every dev
 the images' CUDA device also works, at the cost of one small device→host copy per call (the colour
 order).  :func:`view_generator` derives the generator from ``(seed, epoch, step, rank)`` so that a
 resumed run draws the same views.
+
+Cost: the crop is one ``grid_sample`` for the whole batch; every later op works in place on its
+output, and on CPU the few full-size temporaries (uint8→float source, hue planes) live in a
+workspace reused across calls, because on a small VM the page faults of fresh large allocations
+cost more than the arithmetic.  Views come back in channels-last memory by default.
 """
 
 from __future__ import annotations
@@ -112,24 +117,27 @@ class BatchAugment:
 
     ``BatchAugment(params, out_size)(images, generator) -> (views, omega)``: ``images`` is uint8
     ``(B, H, W, 3)`` (the prepared-data layout) or float ``(B, 3, H, W)`` in [0, 1], on any device;
-    ``views`` is float32 ``(B, 3, S, S)`` (contiguous) normalised with ``params.mean/std`` on the
-    same device.  ``sample()`` exposes the random decisions alone (the probe and the tests use it).
+    ``views`` is float32 ``(B, 3, S, S)`` normalised with ``params.mean/std`` on the same device, in
+    channels-last memory (what ``channels_last`` backbones read without a copy) unless
+    ``channels_last=False`` (contiguous NCHW).  ``sample()`` exposes the random decisions alone.
     """
 
-    def __init__(self, params: AugmentParams, out_size: int):
+    def __init__(self, params: AugmentParams, out_size: int, channels_last: bool = True):
         if not isinstance(params, AugmentParams):
             raise TypeError(f"BatchAugment: params must be pipeline.params.AugmentParams, got {type(params).__name__}")
         if not isinstance(out_size, int) or out_size < 1:
             raise ValueError(f"BatchAugment: out_size must be a positive int (the view side S), got {out_size!r}")
         self.params = params
         self.out_size = out_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.blur_kernel = blur_kernel_size(out_size)
         self._strengths = (params.brightness, params.contrast, params.saturation, params.hue)
         self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ws = _Workspace()
 
     def __repr__(self) -> str:
-        return f"BatchAugment(out_size={self.out_size}, blur_kernel={self.blur_kernel}, params={self.params})"
+        return (f"BatchAugment(out_size={self.out_size}, blur_kernel={self.blur_kernel}, "
+                f"memory_format={self.memory_format}, params={self.params})")
 
     # ------------------------------------------------------------------ sampling
     def sample(self, batch: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -210,7 +218,7 @@ class BatchAugment:
         if p.blur_p > 0:
             _select_(x, _gaussian_blur(x, s["sigma"], self.blur_kernel), _as_weight(s["blur"]))
         inv_std, shift = self._norm(dev)
-        views = x.mul_(inv_std).add_(shift)                    # (x − mean) / std
+        views = x.mul_(inv_std).add_(shift).contiguous(memory_format=self.memory_format)   # (x − mean) / std
         return views, self._omega(s, height, width)
 
     def _omega(self, s: dict[str, torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
@@ -411,13 +419,17 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor, ws: _Workspace | None = No
     torch.minimum(minc, b, out=minc)
     chroma = torch.sub(maxc, minc, out=ws("chroma", plane, dev))
     # 6H·C per sector, with torchvision's priority when channels tie (red, then green, then blue):
-    # start from the blue sector, overwrite with green, then red, where that channel is the max.
+    # start from the blue sector, then take green where g is the max, then red where r is.  The
+    # selection is a blend with the float mask "channel is not the max" = clamp((max − c)·1e30, 0, 1),
+    # exactly 0/1 except for differences below 1e-30, where the neighbouring sector formulas agree
+    # (hue is continuous away from grey); on CPU this is several times cheaper than bool masks + where.
     h6 = torch.sub(r, g, out=ws("h6", plane, dev)).add_(chroma, alpha=4)
     tmp = torch.sub(b, r, out=ws("tmp", plane, dev)).add_(chroma, alpha=2)
-    is_max = ws("is_max", plane, dev, torch.bool)
-    torch.where(torch.eq(maxc, g, out=is_max), tmp, h6, out=h6)
+    not_max = torch.sub(maxc, g, out=ws("not_max", plane, dev)).mul_(1e30).clamp_(0, 1)
+    h6.sub_(tmp).mul_(not_max).add_(tmp)
     torch.sub(g, b, out=tmp)
-    torch.where(torch.eq(maxc, r, out=is_max), tmp, h6, out=h6)
+    torch.sub(maxc, r, out=not_max).mul_(1e30).clamp_(0, 1)
+    h6.sub_(tmp).mul_(not_max).add_(tmp)
     # grey pixels give 0/0: any hue will do, their chroma is 0
     h6.div_(chroma).nan_to_num_(0.0).add_(6.0 * shift.view(-1, 1, 1))
     h6.sub_(torch.mul(h6, 1 / 6, out=tmp).floor_().mul_(6.0))       # mod 6 (cheaper than remainder_ on CPU)

@@ -129,6 +129,7 @@ class AugSelfHead(nn.Module):
     one batch of 2B through each MLP (so BatchNorm sees both), with targets ``targets`` and, for the
     swapped order, ``targets_swapped`` (default: ``−target`` for differences, the same for flip).
     ``loss_from_omega`` builds both target sets from ω itself, honouring ``official_flip_mirror``.
+    Losses are computed in float32 whatever the autocast dtype of the MLPs.
     """
 
     def __init__(self, feat_dim: int, augmentations: Sequence[str], hidden_dim: int = 512,
@@ -175,8 +176,8 @@ class AugSelfHead(nn.Module):
         z = torch.cat([torch.cat([f1, f2], dim=1), torch.cat([f2, f1], dim=1)], dim=0)
         losses = {}
         for a in self.augmentations:
-            pred = self.heads[a](z)
-            target = torch.cat([targets[a], targets_swapped[a]], dim=0).to(pred.dtype)
+            pred = self.heads[a](z).float()          # losses in float32, also under bf16/fp16 autocast
+            target = torch.cat([targets[a], targets_swapped[a]], dim=0).float()
             if target.shape != pred.shape:
                 raise ValueError(f"AugSelfHead: target for {a!r} has shape {tuple(targets[a].shape)}, "
                                  f"expected ({f1.shape[0]}, {AUG_OUTPUTS[a][0]})")

@@ -306,3 +306,10 @@ def test_cuda_images_with_a_cpu_generator_match_cpu(images):
     v1, _ = aug(images.cuda(), g)
     v2, _ = aug(images.cuda(), torch.Generator(device="cuda").manual_seed(3))
     assert torch.equal(v1, v2)
+
+
+def test_views_memory_format(images):
+    views, _ = BatchAugment(params(), S)(images, gen(0))
+    assert views.is_contiguous(memory_format=torch.channels_last)
+    nchw, _ = BatchAugment(params(), S, channels_last=False)(images, gen(0))
+    assert nchw.is_contiguous() and torch.equal(nchw, views)

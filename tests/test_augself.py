@@ -194,3 +194,16 @@ def test_lambda_zero_builds_no_head():
     assert head.weights == {"crop": 1.0, "flip": 0.5} and head.heads["crop"][0].out_features == 8
     with pytest.raises(ConfigError, match="augself.lambda"):
         build_augself_head(6, params, -0.1)
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    head = make_head()
+    f1, f2 = features(n=4)
+    o1 = {k: v.repeat(2, *[1] * (v.ndim - 1))[:4] for k, v in OMEGA1.items()}
+    o2 = {k: v.repeat(2, *[1] * (v.ndim - 1))[:4] for k, v in OMEGA2.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = head.loss_from_omega(f1, f2, o1, o2)
+    reference = head.loss_from_omega(f1, f2, o1, o2)
+    for a in ALL:
+        assert losses[a].dtype == torch.float32
+        assert losses[a].item() == pytest.approx(reference[a].item(), rel=0.05)
