@@ -560,6 +560,8 @@ def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out
             gen = view_generator(params.seed, epoch, step, "cpu", rank)
             v1, w1 = augment(x, gen)
             v2, w2 = augment(x, gen)
+            if not ssl.channels_last:                      # BatchAugment returns channels-last memory
+                v1, v2 = v1.contiguous(), v2.contiguous()
             step += 1
             terms = train_step(runner, optimizer, scheduler, scaler, v1, v2, w1, w2, amp_dtype,
                                nan_term if nan_hook and nan_hook[0] == step else None)

@@ -1,0 +1,283 @@
+"""Pretraining throughput: what AugSelf costs, and what the batched on-device augmentation buys.
+
+For every method in ``--methods`` it times the pretraining step of :mod:`pipeline.train` (the same
+code path the loop runs: index the on-device uint8 data, two :class:`~pipeline.augment.BatchAugment`
+calls on a :func:`~pipeline.augment.view_generator`, :func:`~pipeline.train.train_step`,
+``on_step_end``) and reports
+
+* images/s with λ = 0 (baseline) and λ = 1 (AugSelf head on ``augself.augmentations``), and the
+  AugSelf overhead ``t(λ=1) / t(λ=0) − 1`` in % of step time;
+* the share of the baseline step spent in the two augmentation calls;
+* the ceiling: the baseline step fed by views augmented once beforehand (no augmentation cost);
+* the baseline step fed the way the official code feeds it: per-sample torchvision transforms on
+  PIL images (RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter, p),
+  RandomGrayscale, ToTensor, Normalize) in a ``DataLoader`` with ``--workers`` worker processes.
+  The feeding comparison uses the baseline step because torchvision's transforms do not return ω.
+* augmentation throughput alone: two batched views vs two PIL views per image (DataLoader, no
+  training), and the speed-up.
+
+Images are random uint8 noise of the requested size (augmentation cost does not depend on content).
+Configuration: ``--params`` (default ``params.yaml``, the default CPU config: resnet_small width 16,
+32×32, batch 256) with the command-line overrides.  GPU preset (``--preset gpu``): ResNet-18, 96×96,
+batch 256, bf16 autocast, on ``cuda``.
+
+Writes ``bench/results/pretrain-<device>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.augment import BatchAugment, view_generator  # noqa: E402
+from pipeline.params import METHODS, Params, load_params  # noqa: E402
+from pipeline.train import (build_optimizer, build_pretrain_model, resolve_amp,  # noqa: E402
+                            train_step)
+
+PRESETS = {
+    "cpu": dict(device="cpu", backbone="resnet_small", width=16, image_size=32, batch_size=256, amp="off"),
+    "gpu": dict(device="cuda", backbone="resnet18", width=64, image_size=96, batch_size=256, amp="bf16"),
+}
+TARGETS = {"augself_overhead_pct_max": 5.0, "aug_share_pct_max": 10.0, "aug_speedup_vs_pil_min": 3.0}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, n: int, warmup: int, dev: torch.device) -> float:
+    """Seconds per call of ``fn(i)`` over ``n`` calls after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        fn(i)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + n):
+        fn(i)
+    _sync(dev)
+    return (time.perf_counter() - t0) / n
+
+
+class _Setup:
+    """A model, optimiser and on-device data for one (method, λ), as pretrain() builds them."""
+
+    def __init__(self, params: Params, method: str, variant: str, images: torch.Tensor, dev: torch.device,
+                 total_steps: int):
+        torch.manual_seed(0)
+        self.params, self.dev = params, dev
+        self.model, _, _ = build_pretrain_model(params, method, variant, images.shape[1])
+        self.model.to(dev)
+        if params.ssl.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.optimizer, self.scheduler = build_optimizer(params, self.model, total_steps, total_steps)
+        self.amp = resolve_amp(params.ssl.amp, dev)
+        self.scaler = torch.amp.GradScaler(dev.type) if self.amp == torch.float16 else None
+        self.augment = BatchAugment(params.augment, images.shape[1])
+        self.images = images
+        self.total_steps = total_steps
+        self.buf = torch.zeros(64, len(self.model.term_names), device=dev)
+
+    def views(self, i: int):
+        b = self.params.ssl.batch_size
+        n = self.images.shape[0]
+        idx = torch.arange(i * b, (i + 1) * b, device=self.dev) % n
+        x = self.images[idx]
+        g = view_generator(0, 0, i, "cpu")
+        return (*self.augment(x, g), *self.augment(x, g))
+
+    def step(self, i: int, v1, w1, v2, w2) -> None:
+        terms = train_step(self.model, self.optimizer, self.scheduler, self.scaler, v1, v2, w1, w2, self.amp)
+        self.model.method.on_step_end(min(1.0, (i + 1) / self.total_steps))
+        self.buf[i % self.buf.shape[0]] = terms          # what the loop does instead of .item()
+
+    def full_step(self, i: int) -> None:
+        v1, w1, v2, w2 = self.views(i)
+        self.step(i, v1, w1, v2, w2)
+
+
+def _pil_loader(images_np: np.ndarray, params: Params, batch: int, workers: int, pin: bool):
+    """The official-style feeding: per-sample torchvision transforms on PIL images, two views."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    a = params.augment
+    size = images_np.shape[1]
+    tf = T.Compose([
+        T.RandomResizedCrop(size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio)),
+        T.RandomHorizontalFlip(a.flip_p),
+        T.RandomApply([T.ColorJitter(a.brightness, a.contrast, a.saturation, a.hue)], p=a.jitter_p),
+        T.RandomGrayscale(a.grayscale_p),
+        T.ToTensor(),
+        T.Normalize(a.mean, a.std),
+    ])
+
+    class TwoViews(Dataset):
+        def __len__(self):
+            return len(images_np)
+
+        def __getitem__(self, i):
+            img = Image.fromarray(images_np[i])
+            return tf(img), tf(img)
+
+    loader = DataLoader(TwoViews(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=pin, persistent_workers=workers > 0,
+                        prefetch_factor=2 if workers > 0 else None)
+
+    def batches():
+        while True:
+            yield from loader
+    return batches()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="params.yaml to start from")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="cpu: resnet_small/32px/256; gpu: resnet18/96px/256/bf16")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu, or the preset's)")
+    ap.add_argument("--backbone")
+    ap.add_argument("--width", type=int, help="resnet_small width")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--images", type=int, default=2048, help="size of the synthetic data set")
+    ap.add_argument("--out", help="JSON path (default bench/results/pretrain-<device>.json)")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params) if Path(args.params).exists() else Params()
+    cfg = dict(PRESETS[args.preset or "cpu"])
+    if not args.preset:  # without a preset the params file decides, except for the device
+        cfg.update(backbone=params.ssl.backbone, width=params.ssl.width, batch_size=params.ssl.batch_size,
+                   amp=params.ssl.amp)
+    for k in ("device", "backbone", "width", "image_size", "batch_size", "amp"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(METHODS)}")
+    dev = torch.device(cfg["device"])
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available here")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    ssl = dataclasses.replace(params.ssl, backbone=cfg["backbone"], width=cfg["width"],
+                              batch_size=cfg["batch_size"], amp=cfg["amp"], methods=methods)
+    aug_lambda1 = dataclasses.replace(params.augself, lambda_=1.0)
+    params = dataclasses.replace(params, ssl=ssl, augself=aug_lambda1)
+    size, batch, n_img = cfg["image_size"], cfg["batch_size"], max(args.images, 2 * cfg["batch_size"])
+    rng = np.random.default_rng(0)
+    images_np = rng.integers(0, 256, size=(n_img, size, size, 3), dtype=np.uint8)
+    images = torch.from_numpy(images_np).to(dev)
+    total = args.warmup + args.steps
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
+    print(f"# bench_pretrain: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{cfg['backbone']} (width {cfg['width']}) {size}x{size}, batch {batch}, amp {cfg['amp']}, "
+          f"{args.steps} timed steps after {args.warmup}; AugSelf augs {params.augself.augmentations}",
+          flush=True)
+
+    # Augmentation alone: batched (two calls) and per-sample PIL (DataLoader, two views per image).
+    augment = BatchAugment(params.augment, size)
+
+    def aug_only(i):
+        idx = torch.arange(i * batch, (i + 1) * batch, device=dev) % n_img
+        g = view_generator(0, 0, i, "cpu")
+        augment(images[idx], g)
+        augment(images[idx], g)
+    t_aug = _timed(aug_only, args.steps, args.warmup, dev)
+    pil = _pil_loader(images_np, params, batch, args.workers, dev.type == "cuda")
+    t_pil_alone = _timed(lambda i: next(pil), args.steps, args.warmup, dev)
+    print(f"augmentation alone: batched {batch / t_aug:,.0f} img/s, PIL DataLoader ({args.workers} workers) "
+          f"{batch / t_pil_alone:,.0f} img/s, speed-up {t_pil_alone / t_aug:.1f}x", flush=True)
+
+    rows = []
+    for method in methods:
+        base = _Setup(params, method, "baseline", images, dev, total * 4)
+        t0 = _timed(base.full_step, args.steps, args.warmup, dev)
+        pre = base.views(0)                                  # views augmented once: the ceiling
+        t_ceiling = _timed(lambda i: base.step(i, *pre), args.steps, args.warmup, dev)
+
+        def pil_step(i):
+            v1, v2 = next(pil)
+            v1 = v1.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            v2 = v2.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            base.step(i, v1, {}, v2, {})
+        t_pil = _timed(pil_step, args.steps, args.warmup, dev)
+        del base
+        aug = _Setup(params, method, "augself", images, dev, total * 4)
+        t1 = _timed(aug.full_step, args.steps, args.warmup, dev)
+        del aug
+        row = {"method": method,
+               "step_ms_lambda0": 1e3 * t0, "step_ms_lambda1": 1e3 * t1,
+               "images_per_s_lambda0": batch / t0, "images_per_s_lambda1": batch / t1,
+               "augself_overhead_pct": 100 * (t1 / t0 - 1),
+               "aug_ms": 1e3 * t_aug, "aug_share_pct": 100 * t_aug / t0,
+               "images_per_s_preaugmented": batch / t_ceiling,
+               "images_per_s_pil_loader": batch / t_pil,
+               "speedup_vs_pil_loader": t_pil / t0}
+        rows.append(row)
+        print(f"{method}: λ=0 {row['images_per_s_lambda0']:,.0f} img/s, λ=1 {row['images_per_s_lambda1']:,.0f} img/s "
+              f"(+{row['augself_overhead_pct']:.1f}%), aug share {row['aug_share_pct']:.1f}%", flush=True)
+
+    head = (f"{'method':8s} {'λ=0 img/s':>10s} {'λ=1 img/s':>10s} {'AugSelf +%':>10s} {'aug % step':>10s} "
+            f"{'ceiling':>10s} {'PIL-fed':>10s} {'vs PIL':>7s}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['method']:8s} {r['images_per_s_lambda0']:10,.0f} {r['images_per_s_lambda1']:10,.0f} "
+              f"{r['augself_overhead_pct']:10.1f} {r['aug_share_pct']:10.1f} {r['images_per_s_preaugmented']:10,.0f} "
+              f"{r['images_per_s_pil_loader']:10,.0f} {r['speedup_vs_pil_loader']:6.1f}x")
+    speedup = t_pil_alone / t_aug
+    worst_overhead = max(r["augself_overhead_pct"] for r in rows)
+    worst_share = max(r["aug_share_pct"] for r in rows)
+    checks = {
+        "augself_overhead_pct<=5": worst_overhead <= TARGETS["augself_overhead_pct_max"],
+        "aug_share_pct<=10": worst_share <= TARGETS["aug_share_pct_max"],
+        "aug_speedup_vs_pil>=3": speedup >= TARGETS["aug_speedup_vs_pil_min"],
+    }
+    print(f"\naugmentation: batched {batch / t_aug:,.0f} img/s vs PIL {batch / t_pil_alone:,.0f} img/s "
+          f"({speedup:.1f}x); worst AugSelf overhead {worst_overhead:.1f}%, worst aug share {worst_share:.1f}%")
+    for k, ok in checks.items():
+        print(f"  target {k}: {'met' if ok else 'NOT met'}")
+
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"pretrain-{dev.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "pretrain", "device": str(dev), "device_name": device_name,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "config": {**cfg, "steps": args.steps, "warmup": args.warmup, "workers": args.workers,
+                   "augself_augmentations": params.augself.augmentations, "images": n_img},
+        "augmentation": {"batched_images_per_s": batch / t_aug, "pil_loader_images_per_s": batch / t_pil_alone,
+                         "speedup": speedup, "batched_ms_per_batch": 1e3 * t_aug},
+        "methods": rows, "targets": TARGETS, "checks": checks,
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
