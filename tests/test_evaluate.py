@@ -1,0 +1,295 @@
+"""Transfer evaluation: frozen features, the official linear probe, few-shot episodes, the
+augmentation-awareness probe.  CPU only, tiny shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.evaluate.features import extract_features
+from pipeline.evaluate.fewshot import (_generator, fewshot_eval, format_fewshot_result, ovr_logistic_fit,
+                                       sample_episodes, summarise_accuracies)
+from pipeline.evaluate.linear import (accuracy, fit_logistic, format_linear_result, linear_probe,
+                                      regularisation_path, stratified_split)
+from pipeline.evaluate.probe import format_probe_result, logistic_accuracy, ridge_r2
+from pipeline.params import LinearParams, ProbeParams
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a loaded 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def clusters(n, d, classes, separation, seed, relu=True):
+    """Gaussian class clusters, optionally through a ReLU (non-negative, unnormalised, like pooled features)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, d)) * separation
+    y = rng.integers(0, classes, n)
+    x = centres[y] + rng.normal(size=(n, d))
+    return (np.maximum(2 * x, 0) if relu else x).astype(np.float32), y
+
+
+# ----------------------------------------------------------------------------------------- features
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1)
+
+
+def test_extract_features_eval_mode_normalisation_and_batching():
+    torch.manual_seed(0)
+    net = TinyNet()
+    net.bn.running_mean.uniform_(-1, 1)      # eval mode must use these, not batch statistics
+    net.bn.running_var.uniform_(0.5, 2)
+    net.train()
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+    feats = extract_features(net, images, mean, std, batch_size=3)
+    assert feats.dtype == np.float32 and feats.shape == (10, 8)
+    assert net.training, "the caller's train/eval mode is restored"
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = net.eval()(x).numpy()
+    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(extract_features(net, images, mean, std, batch_size=10), feats, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_features_resizes_only_when_size_differs():
+    net = TinyNet().eval()
+    images = np.random.default_rng(1).integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+    same = extract_features(net, images, (0.5,) * 3, (0.5,) * 3, 4, size=12)
+    np.testing.assert_array_equal(same, extract_features(net, images, (0.5,) * 3, (0.5,) * 3, 4))
+    resized = extract_features(net, images, (0.5,) * 3, (0.5,) * 3, 4, size=6)
+    x = TF.resize(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, [6, 6], antialias=True)
+    with torch.no_grad():
+        expected = net((x.clamp(0, 1) - 0.5) / 0.5).numpy()
+    np.testing.assert_allclose(resized, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        extract_features(net, images.astype(np.float32), (0.5,) * 3, (0.5,) * 3, 4)
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+def sklearn_same_objective(x, y, wd):
+    """scikit-learn minimises C·ΣCE + ½‖θ‖² with an unpenalised intercept; the official objective
+    ΣCE + w(‖W‖² + ‖b‖²) is C = 1/(2w) with the intercept as a penalised constant feature."""
+    xa = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], 1)
+    model = LogisticRegression(C=1.0 / (2.0 * wd), fit_intercept=False, tol=1e-10, max_iter=10000).fit(xa, y)
+    return model.coef_[:, :-1].T, model.coef_[:, -1], model
+
+
+@pytest.mark.parametrize("wd", [1e-2, 1.0, 100.0])
+def test_fit_logistic_matches_sklearn_on_the_official_objective(wd):
+    x, y = clusters(400, 12, 4, 0.5, seed=0)
+    fit = fit_logistic(torch.from_numpy(x).double(), torch.from_numpy(y), 4, wd, tol=1e-8)
+    weight, bias, _ = sklearn_same_objective(x, y, wd)
+    assert fit.converged
+    np.testing.assert_allclose(fit.weight.numpy(), weight, atol=1e-4 * max(1, np.abs(weight).max()))
+    np.testing.assert_allclose(fit.bias.numpy(), bias, atol=1e-4 * max(1, np.abs(bias).max()))
+
+
+def test_regularisation_path_warm_start_reaches_the_cold_start_optimum():
+    x, y = clusters(300, 10, 3, 0.6, seed=1)
+    xt, yt = torch.from_numpy(x).double(), torch.from_numpy(y)
+    wds = [1e3, 10.0, 0.1]
+    path = regularisation_path(xt, yt, 3, wds, tol=1e-8)
+    assert [f.wd for f in path] == wds
+    for fit in path:
+        cold = fit_logistic(xt, yt, 3, fit.wd, tol=1e-8)
+        torch.testing.assert_close(fit.weight, cold.weight, atol=1e-5, rtol=1e-4)
+    assert path[0].weight.abs().max() < path[2].weight.abs().max()  # more L2, smaller weights
+
+
+def test_linear_probe_agrees_with_sklearn_at_the_selected_regularisation():
+    x, y = clusters(900, 16, 5, 0.35, seed=2)
+    params = LinearParams(wd_steps=12)
+    result = linear_probe(x[:600], y[:600], x[600:], y[600:], params, seed=0)
+    assert result["metric"] == "top1" and result["acc"] == result["top1"]
+    assert len(result["val_acc_per_wd"]) == 12 and result["best_wd"] in result["wds"]
+    assert not result["not_converged"]
+    _, _, model = sklearn_same_objective(x[:600], y[:600], result["best_wd"])
+    sk_acc = 100 * model.score(np.concatenate([x[600:], np.ones((300, 1))], 1), y[600:])
+    assert abs(result["top1"] - sk_acc) <= 0.5
+    assert 40 < result["top1"] < 100            # a non-trivial problem
+    text = format_linear_result(result, "toy")
+    assert f"{result['top1']:.2f} %" in text and "toy" in text
+
+
+def test_linear_probe_linear_structure_is_near_perfect_and_random_labels_at_chance():
+    x, y = clusters(1000, 20, 4, 3.0, seed=3, relu=False)
+    params = LinearParams(wd_steps=8)
+    assert linear_probe(x[:700], y[:700], x[700:], y[700:], params, seed=0)["top1"] >= 99.0
+    noise_y = np.random.default_rng(4).integers(0, 4, 1000)
+    chance = linear_probe(x[:700], noise_y[:700], x[700:], noise_y[700:], params, seed=0)["top1"]
+    assert abs(chance - 25.0) < 8.0
+
+
+def test_linear_probe_class_average_and_bad_input():
+    x, y = clusters(300, 8, 3, 1.0, seed=5)
+    res = linear_probe(x[:200], y[:200], x[200:], y[200:], LinearParams(wd_steps=4), 0, class_average=True)
+    assert res["metric"] == "class_avg" and res["acc"] == res["class_avg"]
+    with pytest.raises(ValueError, match="NaN"):
+        bad = x.copy()
+        bad[0, 0] = np.nan
+        linear_probe(bad[:200], y[:200], x[200:], y[200:], LinearParams(wd_steps=2), 0)
+    with pytest.raises(ValueError, match="d=8"):
+        linear_probe(x[:200], y[:200], x[200:, :4], y[200:], LinearParams(wd_steps=2), 0)
+
+
+def test_stratified_split_and_accuracy():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    tr, va = stratified_split(y, 0.2, seed=0)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 100
+    assert np.bincount(y[va]).tolist() == [10, 6, 4]
+    np.testing.assert_array_equal(va, stratified_split(y, 0.2, seed=0)[1])
+    assert not np.array_equal(va, stratified_split(y, 0.2, seed=1)[1])
+
+    truth = torch.tensor([0, 0, 0, 0, 1, 1])
+    pred = torch.tensor([0, 0, 0, 0, 0, 1])
+    assert accuracy(pred, truth) == pytest.approx(100 * 5 / 6)
+    assert accuracy(pred, truth, class_average=True) == pytest.approx(75.0)
+
+
+# ----------------------------------------------------------------------------------------- few-shot
+
+def test_summarise_accuracies_is_mean_and_196_std_over_sqrt_n():
+    acc = np.array([0.2, 0.4, 0.6, 0.8, 1.0])
+    out = summarise_accuracies(acc)
+    assert out["mean"] == pytest.approx(60.0)
+    assert out["ci95"] == pytest.approx(100 * 1.96 * np.sqrt(0.08) / np.sqrt(5))   # population std
+
+
+def test_sample_episodes_shapes_classes_and_no_duplicates():
+    y = np.repeat(np.arange(8), 12)
+    y = np.concatenate([y, [8, 8, 8]])          # class 8 is too small for 2 + 10
+    support, query = sample_episodes(y, 5, 2, 10, 40, _generator(0, 2))
+    assert support.shape == (40, 5, 2) and query.shape == (40, 5, 10)
+    idx = torch.cat([support, query], -1)
+    labels = torch.from_numpy(y)[idx]
+    assert (labels == labels[..., :1]).all(), "all examples of a slot share its class"
+    assert (labels[..., 0].sort(1).values.diff(dim=1) > 0).all(), "distinct classes per episode"
+    assert (labels != 8).all()
+    flat = idx.reshape(40, -1).sort(1).values
+    assert (flat.diff(dim=1) > 0).all(), "no example twice in an episode"
+    again, _ = sample_episodes(y, 5, 2, 10, 40, _generator(0, 2))
+    assert torch.equal(support, again)
+
+
+def test_sample_episodes_refuses_too_small_classes():
+    y = np.repeat(np.arange(6), 10)
+    with pytest.raises(ValueError, match=r"5-way 5-shot.*15 queries.*smallest class: 10"):
+        sample_episodes(y, 5, 5, 15, 10, _generator(0, 5))
+
+
+def test_ovr_logistic_matches_sklearn_liblinear_per_episode():
+    """Per episode, the official classifier: LogisticRegression(solver='liblinear') one-vs-rest."""
+    x, y = clusters(600, 24, 10, 0.3, seed=6)
+    feats = torch.from_numpy(x)
+    for shots in (1, 5):
+        support, query = sample_episodes(y, 5, shots, 8, 6, _generator(1, shots))
+        alpha = ovr_logistic_fit(feats[support])
+        ours_acc, sk_acc = [], []
+        for e in range(6):
+            xs, xq = x[support[e].reshape(-1)], x[query[e].reshape(-1)]
+            ys, yq = np.repeat(np.arange(5), shots), np.repeat(np.arange(5), 8)
+            sk = OneVsRestClassifier(LogisticRegression(solver="liblinear", tol=1e-8)).fit(xs, ys)
+            weights = alpha[e].numpy() @ np.concatenate([xs, np.ones((len(xs), 1))], 1)   # (5, d+1)
+            sk_weights = np.stack([np.r_[m.coef_[0], m.intercept_[0]] for m in sk.estimators_])
+            np.testing.assert_allclose(weights, sk_weights, atol=1e-4, rtol=1e-4)
+            ours_acc.append(np.mean((np.c_[xq, np.ones(len(xq))] @ weights.T).argmax(1) == yq))
+            sk_acc.append(np.mean(sk.predict(xq) == yq))
+        assert abs(np.mean(ours_acc) - np.mean(sk_acc)) < 0.02
+
+
+def test_fewshot_separable_is_perfect_random_is_chance_and_seeded():
+    x, y = clusters(400, 16, 8, 4.0, seed=7, relu=False)
+    res = fewshot_eval(x, y, ways=5, shots=[1, 5], queries=5, episodes=50, seed=0)
+    assert set(res) == {"5way1shot", "5way5shot"}
+    assert res["5way5shot"]["mean"] > 99.0 and res["5way1shot"]["mean"] > 97.0
+    noise = np.random.default_rng(8).normal(size=x.shape).astype(np.float32)
+    rand = fewshot_eval(noise, y, ways=5, shots=[5], queries=10, episodes=200, seed=0)["5way5shot"]
+    assert abs(rand["mean"] - 20.0) < 3.0 and rand["ci95"] > 0
+    assert fewshot_eval(noise, y, 5, [5], 10, 200, seed=0) == {"5way5shot": rand}
+    assert fewshot_eval(noise, y, 5, [5], 10, 200, seed=1)["5way5shot"] != rand
+    text = format_fewshot_result(res, "toy")
+    assert "5way1shot" in text and f"{res['5way1shot']['mean']:.2f}" in text
+
+
+# -------------------------------------------------------------------------------------------- probe
+
+def test_ridge_r2_linear_structure_noise_and_constant_targets():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(600, 10)) * rng.uniform(0.1, 10, 10) + 3.0     # unstandardised inputs
+    y = np.c_[x @ rng.normal(size=10), x[:, :2] @ [1.0, -2.0] + 0.5, np.zeros(600)]
+    r = ridge_r2(x[:400], y[:400], x[400:], y[400:], ridge=1.0)
+    assert r["r2_per_dim"][0] > 0.999 and r["r2_per_dim"][1] > 0.999 and r["r2_per_dim"][2] is None
+    assert r["r2"] == pytest.approx(np.mean(r["r2_per_dim"][:2]))
+    noise = ridge_r2(x[:400], rng.normal(size=400), x[400:], rng.normal(size=200), ridge=1.0)
+    assert abs(noise["r2"]) < 0.08
+    assert ridge_r2(x[:400], y[:400, 2], x[400:], y[400:, 2], 1.0)["r2"] is None
+
+
+def test_logistic_accuracy_and_chance():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(400, 5))
+    y = (x[:, 0] + 0.1 * x[:, 1] > 0).astype(float)
+    r = logistic_accuracy(x[:300], y[:300], x[300:], y[300:], wd=0.1)
+    assert r["acc"] > 95 and 30 < r["chance"] < 70
+
+
+class PoolBackbone(nn.Module):
+    """Features = the view averaged on a 4x4 grid: keeps where and how the view was cropped/coloured."""
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+class BlindBackbone(nn.Module):
+    """Features independent of the view (noise): nothing about ω is recoverable."""
+    def forward(self, x):
+        return torch.randn(x.shape[0], 48, generator=torch.Generator().manual_seed(x.shape[0] * 7 + 1))
+
+
+def test_augmentation_probe_integration():
+    augment_mod = pytest.importorskip("pipeline.augment")   # written in parallel; present in the tree
+    from pipeline.params import AugmentParams
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:16, 0:16]
+    base = np.stack([xx * 16, yy * 16, (xx + yy) * 8], -1)                    # asymmetric gradients
+    images = (base[None] * rng.uniform(0.5, 1.0, (300, 1, 1, 3))).clip(0, 255).astype(np.uint8)
+    augment = augment_mod.BatchAugment(AugmentParams(), out_size=16)
+    params = ProbeParams(images=300, ridge=1.0, test_fraction=0.5)
+    from pipeline.evaluate.probe import augmentation_probe
+
+    seeing = augmentation_probe(PoolBackbone(), images, augment, ["crop", "color", "flip"], params,
+                                seed=0, batch_size=128)
+    blind = augmentation_probe(BlindBackbone(), images, augment, ["crop", "color", "flip"], params,
+                               seed=0, batch_size=128)
+    assert seeing["n_train"] == 150 and seeing["n_test"] == 150
+    # 150 training pairs for 96 inputs: the blind probe overfits its noise (held-out R² < 0), the
+    # seeing one recovers part of ω_diff; flip is near perfect once f1 ⊙ f2 is an input.
+    assert seeing["crop"]["r2"] > 0.1 and seeing["color"]["r2"] > 0.15
+    assert blind["crop"]["r2"] < 0.0 and blind["color"]["r2"] < 0.0
+    assert seeing["flip"]["acc"] > 85 and abs(blind["flip"]["acc"] - 50) < 15
+    assert augmentation_probe(PoolBackbone(), images, augment, ["crop"], params, 0, 128) == \
+        {k: seeing[k] for k in ("crop", "n_train", "n_test")}
+    text = format_probe_result(seeing, "toy")
+    assert "crop" in text and f"{seeing['crop']['r2']:.3f}" in text
