@@ -58,6 +58,7 @@ class MethodParams:
     """Per-method knobs.  Unused keys for a method are ignored by it (documented per method)."""
     proj_hidden_dim: int = 512
     proj_dim: int = 128
+    proj_layers: int = 2                # projector depth (official: 2; SimSiam on ImageNet-100: 3)
     pred_hidden_dim: int = 512          # SimSiam / BYOL predictor
     temperature: float = 0.2            # SimCLR, MoCo
     queue_size: int = 65536             # MoCo
@@ -68,6 +69,7 @@ class MethodParams:
         check_range("<section>.temperature", self.temperature, 0, lo_open=True)
         check_range("<section>.momentum", self.momentum, 0, 1)
         check_range("<section>.queue_size", self.queue_size, 1)
+        check_range("<section>.proj_layers", self.proj_layers, 1)
 
 
 def _default_methods() -> dict[str, MethodParams]:

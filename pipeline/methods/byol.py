@@ -37,7 +37,8 @@ class BYOL(SSLMethod):
     def __init__(self, backbone, feat_dim: int, params: MethodParams):
         super().__init__(backbone, feat_dim)
         self.base_momentum = params.momentum
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
+        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
+                             last_bn=False)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
         self.target_backbone = momentum_copy(self.backbone)
         self.target_projector = momentum_copy(self.projector)

@@ -59,7 +59,8 @@ class MoCo(SSLMethod):
         self.temperature = params.temperature
         self.momentum = params.momentum
         self.official_queue = params.official_queue
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
+        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
+                             last_bn=False)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(params.queue_size, params.proj_dim), dim=1))

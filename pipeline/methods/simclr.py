@@ -63,7 +63,8 @@ class SimCLR(SSLMethod):
     def __init__(self, backbone, feat_dim: int, params: MethodParams):
         super().__init__(backbone, feat_dim)
         self.temperature = params.temperature
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
+        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
+                             last_bn=False)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> MethodOutput:
         f1, f2 = self.backbone(v1), self.backbone(v2)

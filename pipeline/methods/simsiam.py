@@ -3,11 +3,10 @@
 Loss ``−½ (cos(p1, sg(z2)) + cos(p2, sg(z1)))``, each cosine averaged over the batch; it lies in
 [−1, 1], −1 when predictions and targets align.
 
-Heads: projector ``mlp(feat_dim, proj_hidden_dim, proj_dim, num_layers=3, last_bn=True)`` (the
-SimSiam paper's 3-layer projector), predictor ``mlp(proj_dim, pred_hidden_dim, proj_dim,
+Heads: projector ``mlp(feat_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers, last_bn=True)``
+(2 layers in the official AugSelf STL-10/CIFAR runs, 3 for ImageNet-100 as in the SimSiam paper), predictor ``mlp(proj_dim, pred_hidden_dim, proj_dim,
 num_layers=2, last_bn=False)`` (a bottleneck: pred_hidden_dim = proj_dim / 4 in the paper).
-Deviation: the official AugSelf code uses a 2-layer projector (2048-2048) for STL-10/CIFAR and 3
-layers only for ImageNet-100; its predictor is trained at a constant learning rate, which this
+The official AugSelf predictor is trained at a constant learning rate, which this
 method reports through :meth:`fixed_lr_parameters`.  Uses ``proj_hidden_dim``, ``proj_dim``,
 ``pred_hidden_dim`` of the method params.
 """
@@ -32,7 +31,8 @@ class SimSiam(SSLMethod):
 
     def __init__(self, backbone, feat_dim: int, params: MethodParams):
         super().__init__(backbone, feat_dim)
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=3, last_bn=True)
+        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
+                             last_bn=True)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> MethodOutput:
