@@ -17,9 +17,10 @@ w̃ = X̃ᵀα and everything lives in the (N·K)×(N·K) Gram matrix G = X̃X̃
 its N binary problems.  Newton's method in α, ``Δα = −(I + C·D·G)⁻¹(α + C·y⊙ℓ'(y⊙Gα))`` with
 ``D = diag(ℓ''(y⊙Gα))`` (the exact Newton step when G is invertible, and the same step in the
 decision values when it is not), with a per-problem Armijo backtracking line search, converges to
-the liblinear solution in a handful of iterations, as ``(E, N, NK, NK)`` batched solves in float64.
-1000 episodes take well under a second of solver time for any feature dimension (the cost in d is
-only the Gram matrices).
+the liblinear solution in a handful of iterations, as ``(E, N, NK, NK)`` batched solves in float64
+(the weights agree with liblinear's to 1e-4, ``tests/test_evaluate.py``).  1000 episodes for K = 1 and
+K = 5 together take about 1.6 s on one CPU core at d = 128, against about 50 s for the per-episode
+scikit-learn loop; the cost in d is only the Gram matrices.
 
 Deviations from the official script, on purpose:
 

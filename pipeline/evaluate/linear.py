@@ -28,14 +28,15 @@ problem with one minimiser, whatever the solver or its starting point.  We there
    needs a few tens of evaluations instead of hundreds.  The official loop also reuses one
    ``nn.Linear`` across ``w`` (an ascending warm start from a random init); with a unique minimiser
    the direction of the walk changes the cost, not the answer;
-3. stop each fit when ``max|∇(objective/n)| ≤ tol`` (default 1e-5, ten times tighter than
-   scikit-learn's default on the same mean objective) or after ``max_iter`` L-BFGS iterations.  The official settings (``tolerance_grad=1e-10, tolerance_change=0``, 5000 iterations)
-   run to the limit of float32 arithmetic, which stalls the strong-Wolfe line search around
-   ``max|∇| ≈ 1e-4`` (a decrease below float32 resolution of the loss is invisible).  We solve in
+3. stop each fit when ``max|∇(objective/n)| ≤ tol`` or after ``max_iter`` L-BFGS iterations.  The
+   default ``tol = 1e-4`` is scikit-learn's default gradient tolerance on the same mean objective.
+   The official settings (``tolerance_grad=1e-10, tolerance_change=0``, 5000 iterations) run to the
+   limit of float32 arithmetic, which stalls the strong-Wolfe line search around ``max|∇| ≈ 1e-4``
+   anyway (a decrease below the float32 resolution of the loss is invisible).  We solve in
    **float64** (features are cast once; cheap at these sizes, also on a datacentre GPU), where the
-   tolerance is reached; past it the predictions, hence the accuracies, no longer move
-   (``tests/test_evaluate.py`` compares with scikit-learn at a tight tolerance,
-   ``bench/bench_linear.py`` on the full sweep).
+   tolerance is always reachable.  ``tests/test_evaluate.py`` compares with scikit-learn at a tight
+   tolerance; ``bench/bench_linear.py`` compares the whole sweep (test accuracy, validation accuracy
+   per w) with scikit-learn at its default tolerance.
 
 Why not one joint L-BFGS over the 45 stacked problems: the sum of independent objectives has the
 same minimiser, but a joint L-BFGS shares one step length and mixes curvature pairs across problems
@@ -78,7 +79,7 @@ class LogisticFit:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
-                 init: LogisticFit | None = None, max_iter: int = 5000, tol: float = 1e-5,
+                 init: LogisticFit | None = None, max_iter: int = 5000, tol: float = 1e-4,
                  history_size: int = 100) -> LogisticFit:
     """Minimise ``(Σ_i CE(W x_i + b, y_i) + wd·(‖W‖² + ‖b‖²)) / n`` with L-BFGS (strong Wolfe).
 
@@ -98,7 +99,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
     else:
         theta = torch.cat([init.weight, init.bias.unsqueeze(0)]).to(x.dtype).clone()
     theta.grad = torch.zeros_like(theta)
-    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    target = y.unsqueeze(1)
     reg = 2.0 * wd / n
     evaluations = 0
 
@@ -106,8 +107,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
         nonlocal evaluations
         evaluations += 1
         logits = xa @ theta
-        loss = (torch.logsumexp(logits, 1).sum() - (logits * onehot).sum()) / n + 0.5 * reg * theta.pow(2).sum()
-        residual = torch.softmax(logits, 1).sub_(onehot).div_(n)          # ∂(CE/n)/∂logits
+        lse = torch.logsumexp(logits, 1, keepdim=True)
+        loss = (lse.sum() - logits.gather(1, target).sum()) / n + 0.5 * reg * theta.pow(2).sum()
+        residual = logits.sub_(lse).exp_()                                # softmax, one exp pass
+        residual.scatter_add_(1, target, residual.new_full(target.shape, -1.0)).div_(n)   # ∂(CE/n)/∂logits
         torch.addmm(theta, xa_t, residual, beta=reg, out=theta.grad)      # Xᵀ(P − Y)/n + reg·θ
         return loss
 
@@ -123,7 +126,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
 
 
 def regularisation_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, wds: list[float],
-                        max_iter: int = 5000, tol: float = 1e-5) -> list[LogisticFit]:
+                        max_iter: int = 5000, tol: float = 1e-4) -> list[LogisticFit]:
     """One fit per L2 weight, in the order of ``wds``, computed from the largest to the smallest
     weight, each warm-started at the previous solution (see the module docstring)."""
     order = sorted(range(len(wds)), key=lambda i: -wds[i])
@@ -174,7 +177,7 @@ def _as_tensors(x, y, device, name):
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  params: LinearParams, seed: int, class_average: bool = False,
-                 device: str | torch.device = "cpu", tol: float = 1e-5) -> dict:
+                 device: str | torch.device = "cpu", tol: float = 1e-4) -> dict:
     """The official linear evaluation on frozen features (see the module docstring).
 
     Returns a JSON-able dict: ``acc`` (the reported number, %: top-1, or mean per-class accuracy when
