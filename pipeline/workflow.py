@@ -9,10 +9,9 @@ File layout (docs/architecture.md):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -147,7 +146,7 @@ def run_features(params: Params, model: str, models_dir: Path, features_dir: Pat
         print(f"{model}: features of {name}: train {arrays['train_x'].shape}, test {arrays['test_x'].shape}")
 
 
-def _features(params: Params, features_dir: Path, model: str):
+def _features(params: Params, features_dir: Path, model: str) -> Iterator[tuple[str, str, dict]]:
     for name, entry in params.data.datasets.items():
         if not entry.tasks:
             continue
@@ -161,7 +160,7 @@ def _features(params: Params, features_dir: Path, model: str):
 
 
 def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
-    from pipeline.evaluate.linear import format_linear_table, linear_probe
+    from pipeline.evaluate.linear import format_linear_result, linear_probe
 
     parse_model(params, model)
     metrics, rows = {}, []
@@ -169,16 +168,16 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
         res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
                            seed=params.seed, class_average=name in params.eval.linear.class_average,
                            device=default_device())
-        metrics[f"linear/{name}/{task}/top1"] = float(res["top1"])
-        rows.append((f"{name}/{task}", res))
+        # The reported number: top-1, or mean per-class accuracy for eval.linear.class_average datasets.
+        metrics[f"linear/{name}/{task}/top1"] = float(res["acc"])
+        print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
     write_json(Path(metrics_dir) / model / "linear.json", metrics)
     _log_to_model_run(params, models_dir, model, metrics)
-    print(format_linear_table(model, rows))
     return metrics
 
 
 def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
-    from pipeline.evaluate.fewshot import fewshot_eval, format_fewshot_table
+    from pipeline.evaluate.fewshot import fewshot_eval, format_fewshot_result
 
     parse_model(params, model)
     check_fewshot_feasible(params)
@@ -190,10 +189,9 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
         for key, r in res.items():
             metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
             metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
-        rows.append((f"{name}/{task}", res))
+        print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
     write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
     _log_to_model_run(params, models_dir, model, metrics)
-    print(format_fewshot_table(model, rows))
     return metrics
 
 
@@ -209,7 +207,7 @@ def probe_augmentations(params: Params) -> list[str]:
 
 def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
     from pipeline.augment import BatchAugment
-    from pipeline.evaluate.probe import augmentation_probe, format_probe_table
+    from pipeline.evaluate.probe import augmentation_probe, format_probe_result
 
     parse_model(params, model)
     device = default_device()
@@ -218,10 +216,14 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
     augment = BatchAugment(params.augment, meta["image_size"])
     res = augmentation_probe(backbone, images, augment, probe_augmentations(params), params.eval.probe,
                              seed=params.seed, batch_size=params.eval.batch_size, device=device)
-    metrics = {f"probe/{aug}/{k}": float(v) for aug, r in res.items() for k, v in r.items()}
+    metrics = {}
+    for aug, r in res.items():
+        if isinstance(r, dict):
+            key = "acc" if "acc" in r else "r2"
+            metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
     write_json(Path(metrics_dir) / model / "probe.json", metrics)
     _log_to_model_run(params, models_dir, model, metrics)
-    print(format_probe_table(model, res))
+    print(format_probe_result(res, title=f"{model}: augmentation probe"))
     return metrics
 
 

@@ -38,6 +38,10 @@ TINY = {
 }
 
 
+# What the pipeline writes: never copied from the developer's workspace into a test project.
+PIPELINE_OUTPUTS = ("reports/", "bench/results/", "data/", "models/", "features/", "metrics/", "dvc.lock", "mlflow.db")
+
+
 def set_keys(data: dict, overrides: dict) -> dict:
     for dotted, value in overrides.items():
         node = data
@@ -64,7 +68,7 @@ def make_project(dest: Path, overrides: dict | None = None) -> Path:
                            text=True, check=True).stdout.split()
     for f in files:
         src = ROOT / f
-        if src.is_file() and not f.startswith(("reports/", "bench/results/")):
+        if src.is_file() and not f.startswith(PIPELINE_OUTPUTS):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     params = yaml.safe_load((dest / "params.yaml").read_text())
