@@ -242,7 +242,8 @@ def _runs_from_files(params: Params, models_dir: Path, metrics_dir: Path) -> tup
             row = {k: info.get(k) for k in ("method", "variant", "lambda", "seed", "group", "commit", "dvc_exp")}
             row["run_id"] = info.get("run_id") or f"file:{name}"
             row["start_time"] = info.get("start_time")
-            for f in [models_dir / name / "metrics.json", *sorted((metrics_dir / name).glob("*.json"))]:
+            for f in [models_dir / name / "metrics.json", models_dir / name / "timing.json",
+                      *sorted((metrics_dir / name).glob("*.json"))]:
                 if f.exists():
                     row.update({k: v for k, v in flatten(json.loads(f.read_text())).items()
                                 if isinstance(v, (int, float))})

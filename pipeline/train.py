@@ -6,7 +6,8 @@ and writes, under ``out_dir``:
 ``checkpoint.pt``  resumable state (atomic write): model, AugSelf head, optimiser, scheduler, AMP
                    scaler, step, epoch, RNG states, loss history, and the :func:`training_hash`.
 ``final.pt``       the backbone in the format evaluation reads (``docs/architecture.md``).
-``metrics.json``   ``pretrain/*`` means over the last epoch, images/s and wall time.
+``metrics.json``   ``pretrain/*`` loss means over the last epoch (deterministic for a seed)
+``timing.json``    images/s and wall time
 ``losses.csv``     one row per log point: step, epoch, the ``pretrain/*`` columns.
 
 Conventions
@@ -85,7 +86,8 @@ __all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "ch
            "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",
            "CHECKPOINT", "FINAL", "METRICS", "LOSSES"]
 
-CHECKPOINT, FINAL, METRICS, LOSSES = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv"
+CHECKPOINT, FINAL, METRICS, LOSSES, TIMING = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv", "timing.json"
+TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s")
 NAN_ENV = "AUGSELF_INJECT_NAN"   # test hook, see pretrain(inject_nan=...)
 _CKPT_VERSION = 1
 # ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed):
@@ -616,7 +618,10 @@ def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out
                  **arch, "method": method, "variant": variant, "lambda": lam,
                  "mean": list(params.augment.mean), "std": list(params.augment.std), "params_hash": phash}
         result.final = ckpt_io.save_atomic(final, out_dir / FINAL)
-        _write_json(out_dir / METRICS, metrics)
+        # metrics.json is a DVC metrics file and must be bit-identical across runs with the same seed:
+        # the speed figures go to timing.json (and to MLflow through the returned metrics).
+        _write_json(out_dir / METRICS, {k: v for k, v in metrics.items() if k not in TIMING_KEYS})
+        _write_json(out_dir / TIMING, {k: v for k, v in metrics.items() if k in TIMING_KEYS})
         _write_csv(out_dir / LOSSES, log.rows)
     return result
 
