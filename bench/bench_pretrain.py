@@ -53,21 +53,38 @@ PRESETS = {
 TARGETS = {"augself_overhead_pct_max": 5.0, "aug_share_pct_max": 10.0, "aug_speedup_vs_pil_min": 3.0}
 
 
+_clock = time.perf_counter          # --clock cpu: time.process_time (CPU seconds of this process)
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn, n: int, warmup: int, dev: torch.device) -> float:
-    """Seconds per call of ``fn(i)`` over ``n`` calls after ``warmup`` untimed ones."""
-    for i in range(warmup):
-        fn(i)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + n):
-        fn(i)
-    _sync(dev)
-    return (time.perf_counter() - t0) / n
+def _timed_interleaved(fns: dict, steps: int, rounds: int, warmup: int, dev: torch.device) -> dict[str, float]:
+    """Median seconds per call of each ``fn(i)``, the conditions interleaved round by round.
+
+    Each round runs ``steps // rounds`` calls of every condition in turn; the median over rounds of
+    the per-call time is reported.  Interleaving makes the comparisons (λ = 0 vs 1, fed vs ceiling)
+    fair on a machine whose load changes during the run, and the median drops rounds hit by a burst.
+    """
+    per_round = max(1, steps // rounds)
+    i = 0
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(i)
+            i += 1
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(dev)
+            t0 = _clock()
+            for _ in range(per_round):
+                fn(i)
+                i += 1
+            _sync(dev)
+            times[name].append((_clock() - t0) / per_round)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 class _Setup:
@@ -133,14 +150,33 @@ def _pil_loader(images_np: np.ndarray, params: Params, batch: int, workers: int,
             img = Image.fromarray(images_np[i])
             return tf(img), tf(img)
 
-    loader = DataLoader(TwoViews(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=pin, persistent_workers=workers > 0,
-                        prefetch_factor=2 if workers > 0 else None)
+    return DataLoader(TwoViews(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                      pin_memory=pin, persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
 
-    def batches():
+
+def _timed_pil(loader, consume, steps: int, workers: int, dev: torch.device) -> float:
+    """Seconds per batch of ``consume(i, batch)`` fed by ``loader`` in steady state.
+
+    The loader is started, its prefetch queue (2 batches per worker) drained untimed, then ``steps``
+    batches are timed back to back; the workers are shut down afterwards, so they never run
+    during the other measurements (a DataLoader works ahead in the background, which would both
+    slow the other conditions and hand this one batches made on their time).
+    """
+    def forever():
         while True:
             yield from loader
-    return batches()
+    it = forever()
+    for i in range(2 * workers + 1):
+        consume(i, next(it))
+    _sync(dev)
+    t0 = _clock()
+    for i in range(steps):
+        consume(i, next(it))
+    _sync(dev)
+    elapsed = (_clock() - t0) / steps
+    it.close()
+    loader._iterator = None        # drop the persistent workers now rather than at interpreter exit
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,14 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per condition (split over the rounds)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the median over rounds is reported")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each condition first")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--images", type=int, default=2048, help="size of the synthetic data set")
     ap.add_argument("--out", help="JSON path (default bench/results/pretrain-<device>.json)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: count CPU seconds of this process instead of wall time, for a machine shared "
+                         "with other jobs; the PIL pipeline then runs in-process (--workers 0) so its work counts")
     args = ap.parse_args(argv)
+    global _clock
+    if args.clock == "cpu":
+        _clock = time.process_time
+        args.workers = 0
 
     params = load_params(args.params) if Path(args.params).exists() else Params()
     cfg = dict(PRESETS[args.preset or "cpu"])
@@ -193,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.from_numpy(images_np).to(dev)
     total = args.warmup + args.steps
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"# bench_pretrain: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{cfg['backbone']} (width {cfg['width']}) {size}x{size}, batch {batch}, amp {cfg['amp']}, "
-          f"{args.steps} timed steps after {args.warmup}; AugSelf augs {params.augself.augmentations}",
+          f"{args.steps} timed steps in {args.rounds} interleaved rounds, {args.clock} clock; "
+          f"AugSelf augs {params.augself.augmentations}; load average {load_start}",
           flush=True)
 
     # Augmentation alone: batched (two calls) and per-sample PIL (DataLoader, two views per image).
@@ -206,40 +252,36 @@ def main(argv: list[str] | None = None) -> int:
         g = view_generator(0, 0, i, "cpu")
         augment(images[idx], g)
         augment(images[idx], g)
-    t_aug = _timed(aug_only, args.steps, args.warmup, dev)
     pil = _pil_loader(images_np, params, batch, args.workers, dev.type == "cuda")
-    t_pil_alone = _timed(lambda i: next(pil), args.steps, args.warmup, dev)
-    print(f"augmentation alone: batched {batch / t_aug:,.0f} img/s, PIL DataLoader ({args.workers} workers) "
-          f"{batch / t_pil_alone:,.0f} img/s, speed-up {t_pil_alone / t_aug:.1f}x", flush=True)
+    t_pil_alone = _timed_pil(pil, lambda i, b: None, args.steps, args.workers, dev)
+    print(f"augmentation alone: PIL DataLoader ({args.workers} workers) {batch / t_pil_alone:,.0f} img/s", flush=True)
 
     rows = []
     for method in methods:
-        base = _Setup(params, method, "baseline", images, dev, total * 4)
-        t0 = _timed(base.full_step, args.steps, args.warmup, dev)
+        base = _Setup(params, method, "baseline", images, dev, 100 * total)
+        aug = _Setup(params, method, "augself", images, dev, 100 * total)
         pre = base.views(0)                                  # views augmented once: the ceiling
-        t_ceiling = _timed(lambda i: base.step(i, *pre), args.steps, args.warmup, dev)
+        t = _timed_interleaved({"lambda0": base.full_step, "lambda1": aug.full_step, "aug": aug_only,
+                                "ceiling": lambda i: base.step(i, *pre)},
+                               args.steps, args.rounds, args.warmup, dev)
 
-        def pil_step(i):
-            v1, v2 = next(pil)
-            v1 = v1.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            v2 = v2.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        def pil_step(i, views):
+            v1, v2 = (v.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views)
             base.step(i, v1, {}, v2, {})
-        t_pil = _timed(pil_step, args.steps, args.warmup, dev)
-        del base
-        aug = _Setup(params, method, "augself", images, dev, total * 4)
-        t1 = _timed(aug.full_step, args.steps, args.warmup, dev)
-        del aug
+        t["pil"] = _timed_pil(pil, pil_step, args.steps, args.workers, dev)
+        del base, aug
+        t0, t1 = t["lambda0"], t["lambda1"]
         row = {"method": method,
                "step_ms_lambda0": 1e3 * t0, "step_ms_lambda1": 1e3 * t1,
                "images_per_s_lambda0": batch / t0, "images_per_s_lambda1": batch / t1,
                "augself_overhead_pct": 100 * (t1 / t0 - 1),
-               "aug_ms": 1e3 * t_aug, "aug_share_pct": 100 * t_aug / t0,
-               "images_per_s_preaugmented": batch / t_ceiling,
-               "images_per_s_pil_loader": batch / t_pil,
-               "speedup_vs_pil_loader": t_pil / t0}
+               "aug_ms": 1e3 * t["aug"], "aug_share_pct": 100 * t["aug"] / t0,
+               "images_per_s_preaugmented": batch / t["ceiling"],
+               "images_per_s_pil_loader": batch / t["pil"],
+               "speedup_vs_pil_loader": t["pil"] / t0}
         rows.append(row)
         print(f"{method}: λ=0 {row['images_per_s_lambda0']:,.0f} img/s, λ=1 {row['images_per_s_lambda1']:,.0f} img/s "
-              f"(+{row['augself_overhead_pct']:.1f}%), aug share {row['aug_share_pct']:.1f}%", flush=True)
+              f"({row['augself_overhead_pct']:+.1f}%), aug share {row['aug_share_pct']:.1f}%", flush=True)
 
     head = (f"{'method':8s} {'λ=0 img/s':>10s} {'λ=1 img/s':>10s} {'AugSelf +%':>10s} {'aug % step':>10s} "
             f"{'ceiling':>10s} {'PIL-fed':>10s} {'vs PIL':>7s}")
@@ -248,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['method']:8s} {r['images_per_s_lambda0']:10,.0f} {r['images_per_s_lambda1']:10,.0f} "
               f"{r['augself_overhead_pct']:10.1f} {r['aug_share_pct']:10.1f} {r['images_per_s_preaugmented']:10,.0f} "
               f"{r['images_per_s_pil_loader']:10,.0f} {r['speedup_vs_pil_loader']:6.1f}x")
+    t_aug = float(np.median([r["aug_ms"] for r in rows])) / 1e3   # measured alongside every method
     speedup = t_pil_alone / t_aug
     worst_overhead = max(r["augself_overhead_pct"] for r in rows)
     worst_share = max(r["aug_share_pct"] for r in rows)
@@ -266,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "pretrain", "device": str(dev), "device_name": device_name,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "config": {**cfg, "steps": args.steps, "warmup": args.warmup, "workers": args.workers,
+        "clock": args.clock, "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "config": {**cfg, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers,
                    "augself_augmentations": params.augself.augmentations, "images": n_img},
         "augmentation": {"batched_images_per_s": batch / t_aug, "pil_loader_images_per_s": batch / t_pil_alone,
                          "speedup": speedup, "batched_ms_per_batch": 1e3 * t_aug},

@@ -84,7 +84,7 @@ from pipeline.params import METHODS, VARIANTS, Params
 
 __all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "checkpoint_resumable", "PretrainModel",
            "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",
-           "CHECKPOINT", "FINAL", "METRICS", "LOSSES"]
+           "CHECKPOINT", "FINAL", "METRICS", "LOSSES", "TIMING"]
 
 CHECKPOINT, FINAL, METRICS, LOSSES, TIMING = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv", "timing.json"
 TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s")
@@ -504,7 +504,7 @@ def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out
     else:
         torch.manual_seed(_derive_seed(params.seed, 1 + rank))      # per-rank stream for the methods
         if main:
-            for stale in (FINAL, METRICS, LOSSES):
+            for stale in (FINAL, METRICS, TIMING, LOSSES):
                 (out_dir / stale).unlink(missing_ok=True)
 
     # Distribution and compilation wrap the model for the forward; state is saved from `model`.

@@ -20,7 +20,7 @@ from pipeline.augment import BatchAugment, view_generator
 from pipeline.config import ConfigError
 from pipeline.models import load_backbone
 from pipeline.params import METHODS, MethodParams, Params
-from pipeline.train import (CHECKPOINT, FINAL, LOSSES, METRICS, NAN_ENV, NonFiniteLossError,
+from pipeline.train import (CHECKPOINT, FINAL, LOSSES, METRICS, NAN_ENV, TIMING, NonFiniteLossError,
                             build_pretrain_model, checkpoint_resumable, lr_factor, pretrain, training_hash)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,9 +138,11 @@ def test_outputs_and_finished_checkpoint_is_not_retrained(tmp_path, capsys):
     assert meta["image_size"] == SIZE and meta["params_hash"] == training_hash(params, "simsiam", "augself")
     assert meta["mean"] == list(params.augment.mean) and meta["cifar_stem"] is True
     metrics = json.loads((tmp_path / METRICS).read_text())
-    assert metrics == pytest.approx(res.metrics)
+    timing = json.loads((tmp_path / TIMING).read_text())
+    assert {**metrics, **timing} == pytest.approx(res.metrics)
     assert {"pretrain/loss_ssl", "pretrain/loss_augself/crop", "pretrain/loss_augself/color",
-            "pretrain/loss_total", "pretrain/images_per_s", "pretrain/wall_time_s"} <= metrics.keys()
+            "pretrain/loss_total"} <= metrics.keys()
+    assert timing.keys() == {"pretrain/images_per_s", "pretrain/wall_time_s"} and timing["pretrain/images_per_s"] > 0
     header, *rows = (tmp_path / LOSSES).read_text().splitlines()
     assert header.split(",")[:3] == ["step", "epoch", "pretrain/loss_ssl"] and len(rows) == 2
     assert checkpoint_resumable(params, "simsiam", "augself", tmp_path)
