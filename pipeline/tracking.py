@@ -129,8 +129,11 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
+        # With the local SQLite store MLflow would put artifacts under ./mlruns of whatever directory the
+        # stage runs in (a queued experiment's temporary copy): pin them to the project root instead.
+        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlartifacts").as_uri()
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=artifacts)
         except Exception:  # created concurrently by another stage: read it back
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
