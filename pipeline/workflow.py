@@ -114,10 +114,19 @@ def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dic
     tracker.end_run(run_id)
 
 
-def _load_model(models_dir: Path, model: str, device: str):
+def _load_model(params: Params, models_dir: Path, model: str, device: str):
+    """The model's frozen backbone; refuses a final.pt written for another method, variant or backbone."""
     from pipeline.models import load_backbone
 
-    backbone, meta = load_backbone(Path(models_dir) / model / "final.pt")
+    method, variant = parse_model(params, model)
+    path = Path(models_dir) / model / "final.pt"
+    backbone, meta = load_backbone(path)
+    expected = {"method": method, "variant": variant, "backbone_name": params.ssl.backbone}
+    found = {k: meta.get(k) for k in expected}
+    if found != expected:
+        wrong = ", ".join(f"{k}={found[k]!r} (expected {v!r})" for k, v in expected.items() if found[k] != v)
+        raise ValueError(f"{path}: this checkpoint was written for another model: {wrong}; re-create it with "
+                         f"`dvc repro pretrain_{variant}@{method}` (or `dvc checkout {path}`)")
     return backbone.to(device).eval(), meta
 
 
@@ -125,9 +134,8 @@ def run_features(params: Params, model: str, models_dir: Path, features_dir: Pat
     """Frozen features of every downstream dataset, once per model (the eval stages read these)."""
     from pipeline.evaluate.features import extract_features
 
-    parse_model(params, model)
     device = default_device()
-    backbone, meta = _load_model(models_dir, model, device)
+    backbone, meta = _load_model(params, models_dir, model, device)
     out_dir = Path(features_dir) / model
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, entry in params.data.datasets.items():
@@ -209,9 +217,8 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
     from pipeline.augment import BatchAugment
     from pipeline.evaluate.probe import augmentation_probe, format_probe_result
 
-    parse_model(params, model)
     device = default_device()
-    backbone, meta = _load_model(models_dir, model, device)
+    backbone, meta = _load_model(params, models_dir, model, device)
     images = _load_split(params, params.data.pretrain, "test").images
     augment = BatchAugment(params.augment, meta["image_size"])
     res = augmentation_probe(backbone, images, augment, probe_augmentations(params), params.eval.probe,

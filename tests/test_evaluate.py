@@ -19,14 +19,9 @@ from pipeline.evaluate.linear import (accuracy, fit_logistic, format_linear_resu
 from pipeline.evaluate.probe import format_probe_result, logistic_accuracy, ridge_r2
 from pipeline.params import LinearParams, ProbeParams
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a loaded 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def clusters(n, d, classes, separation, seed, relu=True):

@@ -25,17 +25,11 @@ from pipeline.models import build_backbone
 from pipeline.params import METHODS as METHOD_NAMES
 from pipeline.params import MethodParams, SSLParams
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 16          # image side of the tiny test batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP
-    threads make these tests ~10x slower; run them single-threaded and restore the setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_params(name: str, **kw) -> MethodParams:

@@ -10,17 +10,11 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from pipeline.models import build_backbone, load_backbone, mlp, uses_cifar_stem
 from pipeline.params import BACKBONES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXPECTED_FEAT_DIM = {"resnet_small": 8 * 16, "resnet18": 512, "resnet50": 2048}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP
-    threads make these tests ~10x slower; run them single-threaded and restore the setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -89,7 +89,7 @@ def _markdown_rows(text: str, first_cell: str) -> list[list[str]]:
 def test_writes_every_artefact(full_report):
     _, out, paths = full_report
     names = {p.name for p in paths}
-    assert {"results.csv", "README.md", "index.html"} <= names
+    assert {"results.csv", "lambda.csv", "README.md", "index.html"} <= names
     for family in ("linear", "fewshot", "probe"):
         assert {f"fig_bars_{family}.png", f"fig_bars_{family}.svg", f"fig_lambda_{family}.png"} <= names
     assert {"fig_loss_curves.png", "fig_loss_curves.svg"} <= names
@@ -113,6 +113,17 @@ def test_csv_equals_pandas_aggregation(full_report):
     # the AugSelf loss terms exist only for AugSelf runs: n counts them, the baseline rows are empty
     base = csv[csv["variant"] == "baseline"]
     assert (base["pretrain/loss_augself/crop/n"] == 0).all() and base["pretrain/loss_augself/crop/mean"].isna().all()
+
+
+def test_lambda_csv_is_the_mean_against_lambda_with_the_baseline_at_zero(full_report):
+    runs, out, _ = full_report
+    tidy = pd.read_csv(out / "lambda.csv")
+    metric = "linear/cfmnist/color/top1"
+    for method in METHODS:
+        curve = tidy[(tidy["method"] == method) & (tidy["metric"] == metric)].set_index("lambda")["value"]
+        want = runs[runs["method"] == method].groupby("lambda")[metric].mean()
+        assert sorted(curve.index) == sorted(want.index) and 0.0 in curve.index
+        np.testing.assert_allclose(curve.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-12)
 
 
 def test_markdown_difference_rows(full_report):

@@ -5,6 +5,7 @@ metric files) into ``reports/``:
 
 * ``results.csv``: one row per method × variant × λ; per metric ``<metric>/mean``, ``/std``, ``/n``
   over seeds (see :mod:`pipeline.report.tables` for the statistics),
+* ``lambda.csv``: the same means in tidy form against λ (the DVC plot of accuracy vs λ),
 * ``README.md``: the tables (Δ AugSelf − baseline rows in bold), the figures, the run list,
 * ``fig_*.png`` / ``fig_*.svg``: grouped bars per family, metric against λ, loss curves
   (:mod:`pipeline.report.plots`),
@@ -27,7 +28,8 @@ from pipeline.report import plots as _plots
 from pipeline.report.html import render_page
 from pipeline.report.schema import (DOWNSTREAM_FAMILIES, FAMILY_TITLES, FEWSHOT, LAMBDA_DECIMALS, LINEAR, PROBE,
                                     MetricSpec, curve_key, lambda_label, metric_specs, validate_runs)
-from pipeline.report.tables import Difference, Table, aggregate, build_tables, differences, to_markdown
+from pipeline.report.tables import (Difference, Table, aggregate, build_tables, differences, lambda_curves,
+                                    to_markdown)
 
 __all__ = ["build_report", "aggregate", "differences", "curve_key", "Difference", "Table"]
 
@@ -76,6 +78,8 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
 
     results = out_dir / "results.csv"
     summary.to_csv(results, index=False)
+    curves_vs_lambda = out_dir / "lambda.csv"
+    lambda_curves(summary, specs).to_csv(curves_vs_lambda, index=False)
     run_list = _run_list(runs)
     meta = _meta(context, runs, default_lambda)
     readme = out_dir / "README.md"
@@ -83,7 +87,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     page = out_dir / "index.html"
     page.write_text(render_page(title=TITLE, meta=meta, notes=notes, tables=tables, plots=figures,
                                 run_list=run_list, params=params), encoding="utf-8")
-    return [results, readme, page] + [p for f in figures for p in f.paths]
+    return [results, curves_vs_lambda, readme, page] + [p for f in figures for p in f.paths]
 
 
 def _present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:

@@ -50,6 +50,22 @@ def aggregate(runs: pd.DataFrame, specs: list[MetricSpec]) -> pd.DataFrame:
     return pd.concat(parts, axis=1)
 
 
+def lambda_curves(summary: pd.DataFrame, specs: list[MetricSpec]) -> pd.DataFrame:
+    """Tidy metric-against-λ table (``lambda.csv``, a DVC plot): one row per method × λ × metric.
+
+    The baseline is the λ = 0 point of every method's curve.
+    """
+    rows = []
+    for _, r in summary.iterrows():
+        for spec in specs:
+            mean = r[stat_column(spec.column, "mean")]
+            if pd.notna(mean):
+                rows.append({"method": r["method"], "lambda": float(r["lambda"]), "metric": spec.column,
+                             "value": float(mean), "std": r[stat_column(spec.column, "std")],
+                             "n": int(r[stat_column(spec.column, "n")])})
+    return pd.DataFrame(rows, columns=["method", "lambda", "metric", "value", "std", "n"])
+
+
 @dataclass(frozen=True)
 class Difference:
     """AugSelf − baseline for one method and metric.  ``kind``: default | best | only (see module doc)."""
