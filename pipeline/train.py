@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -127,7 +129,8 @@ def training_hash(params: Params, method: str, variant: str) -> str:
     ``data.seed``, which fix the images), ``ssl`` without the bookkeeping keys (``methods``,
     ``checkpoint_every``, ``log_every``, ``threads``) and without the other methods' sections,
     ``augment``, this method's parameters, λ, and ``augself`` when λ > 0 (a baseline does not
-    depend on it).
+    depend on it), and :func:`training_code_fingerprint`: a checkpoint written by other training code
+    is never resumed or reused, so fixing a bug in, say, the augmentations retrains the model.
     """
     check_choice("method", method, METHODS)
     lam = params.lambda_for(variant)
@@ -141,10 +144,30 @@ def training_hash(params: Params, method: str, variant: str) -> str:
         "method": method,
         "method_params": d["ssl"][method],
         "lambda": lam,
+        "code": training_code_fingerprint(),
     }
     if lam > 0:
         payload["augself"] = {k: v for k, v in d["augself"].items() if k != "lambda"}
     return stable_hash(payload)
+
+
+# The modules whose source determines the trained weights (the same list as the pretrain stages'
+# code deps in dvc.yaml, less the glue that only logs and writes files).
+TRAINING_CODE = ("train.py", "augment.py", "augself.py", "models.py", "methods", "distributed.py",
+                 "checkpoint.py", "data/prepared.py")
+
+
+@functools.lru_cache(maxsize=1)
+def training_code_fingerprint() -> str:
+    """Short hash of the source of :data:`TRAINING_CODE` (comments and all: any edit counts)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        path = root / name
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(f.relative_to(root).as_posix().encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

@@ -95,7 +95,9 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     if not track:
         return {}
     metrics = dict(result.metrics)
-    tracker.log_metrics(run_id, metrics)
+    # The summary (last-epoch means, images/s) goes at the last step, so it extends the loss curves
+    # logged during training instead of appearing as a point at step 0.
+    tracker.log_metrics(run_id, metrics, step=result.step)
     tracker.log_artifact(run_id, out_dir / "losses.csv")
     tracker.set_tags(run_id, {"checkpoint": str((out_dir / "final.pt").resolve())})
     tracker.end_run(run_id)

@@ -213,6 +213,17 @@ def test_hash_mismatch_starts_fresh(tmp_path, capsys):
     assert ckpt_io.load(tmp_path / CHECKPOINT)["params_hash"] == training_hash(changed, "simclr", "baseline")
 
 
+def test_checkpoint_of_other_training_code_is_not_reused(tmp_path, monkeypatch):
+    """A finished run is not reused once the training code changed (a bug fix must retrain)."""
+    import pipeline.train as train
+
+    params = tiny_params(epochs=1)
+    pretrain(params, "simclr", "baseline", tiny_images(), tmp_path, device="cpu", progress=False)
+    assert checkpoint_resumable(params, "simclr", "baseline", tmp_path)
+    monkeypatch.setattr(train, "training_code_fingerprint", lambda: "edited-code")
+    assert not checkpoint_resumable(params, "simclr", "baseline", tmp_path)
+
+
 # ---------------------------------------------------------------------------- failure handling
 def test_save_atomic_failure_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
