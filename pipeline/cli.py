@@ -38,16 +38,15 @@ def stage(description: str, positional: tuple[str, ...] = ()) -> Callable:
                 return EXIT_BAD_INPUT
             except (FileNotFoundError, ValueError) as e:
                 # Missing/corrupt data or checkpoints; the library's messages name the file and the fix.
-                if type(e).__name__ == "NonFiniteLossError":
-                    print(f"error: {e}", file=sys.stderr)
-                    return EXIT_TRAINING_FAILED
                 print(f"error: {e}", file=sys.stderr)
                 return EXIT_BAD_INPUT
-            except Exception as e:
-                if type(e).__name__ == "NonFiniteLossError":
-                    print(f"error: {e}", file=sys.stderr)
-                    return EXIT_TRAINING_FAILED
-                raise
+            except RuntimeError as e:
+                from pipeline.train import NonFiniteLossError
+
+                if not isinstance(e, NonFiniteLossError):
+                    raise
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_TRAINING_FAILED
             return 0
 
         return main
