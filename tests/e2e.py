@@ -56,6 +56,9 @@ def env(**extra) -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
     e["PYTHONUNBUFFERED"] = "1"
+    # Tiny models: one thread each, so the stages a queue runs side by side (-j 2) do not oversubscribe
+    # the 2-core CI machine (spinning OpenMP threads make that many times slower).
+    e["OMP_NUM_THREADS"] = "1"
     e.pop("MLFLOW_TRACKING_URI", None)
     e.pop("DVC_ROOT", None)
     e.update(extra)
@@ -108,7 +111,8 @@ class MlflowServer:
             [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.workdir / 'server.db'}",
              "--default-artifact-root", str(self.workdir / "artifacts"), "--workers", "1"],
-            cwd=self.workdir, env=env(), stdout=subprocess.DEVNULL, stderr=open(self.workdir / "server.log", "w"),
+            cwd=self.workdir, env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job-runner processes
+            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "server.log", "w"),
             start_new_session=True)
         deadline = time.time() + 90
         while time.time() < deadline:
