@@ -23,10 +23,10 @@ seeds: repro
 	dvc exp run --queue -S seed=2
 	dvc queue start -j 1
 	dvc queue status; while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; dvc queue status
-	dvc repro -f report
+	dvc repro -f -s report
 
 report:
-	dvc repro -f report
+	dvc repro -f -s report
 
 bench:
 	python bench/bench_pretrain.py

@@ -254,7 +254,7 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
         "params": flatten(to_dict(params)),
         "params_file": str(params_path),
         "source": source,
-        "command": "dvc repro (seed 0) + dvc exp run --queue -S seed=N; dvc queue start; dvc repro -f report",
+        "command": "dvc repro (seed 0) + dvc exp run --queue -S seed=N; dvc queue start; dvc repro -f -s report",
     }
     paths = build_report(runs, curves, Path(out_dir), context)
     print(f"report: {len(runs)} runs from {source} → {out_dir}/index.html")
