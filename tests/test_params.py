@@ -91,3 +91,13 @@ def test_methods_tuple_matches_registry():
     from pipeline.methods import METHODS as REGISTRY
 
     assert set(REGISTRY) == set(METHODS)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "presets").glob("*.yaml")))
+def test_presets_are_valid_params_files(preset):
+    """Every preset loads and names only registered datasets and tasks."""
+    from pipeline.cli import check_dataset_entries
+
+    params = load_params(ROOT / "presets" / preset)
+    check_dataset_entries(params)
+    assert params.ssl.backbone == "resnet18" and params.ssl.epochs == 200
