@@ -180,6 +180,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def set_dotted(data: dict, overrides: Mapping[str, Any]) -> dict:
+    """Apply ``{'a.b': 1}``-style overrides to a nested mapping in place (as ``dvc exp run -S`` does)."""
+    for dotted, value in overrides.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
 def stable_hash(obj: Any, length: int = 12) -> str:
     """Short content hash of a JSON-able object (dataclasses are converted first)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()

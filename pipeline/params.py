@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import (ConfigError, check_choice, check_range, check_subset, from_dict,
-                             read_yaml, stable_hash, to_dict)
+                             read_yaml, set_dotted, stable_hash, to_dict)
 
 # Names known to the library.  The registries themselves live with their code (pipeline.methods,
 # pipeline.models, pipeline.data); these tuples are imported by those registries' tests to keep the
@@ -260,11 +260,4 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read, validate and return the params; raise ConfigError with a message naming the key."""
-    data = read_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return from_dict(Params, data)
+    return from_dict(Params, set_dotted(read_yaml(path), overrides or {}))

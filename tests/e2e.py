@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -42,16 +44,6 @@ TINY = {
 PIPELINE_OUTPUTS = ("reports/", "bench/results/", "data/", "models/", "features/", "metrics/", "dvc.lock", "mlflow.db")
 
 
-def set_keys(data: dict, overrides: dict) -> dict:
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return data
-
-
 def env(**extra) -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
@@ -75,7 +67,7 @@ def make_project(dest: Path, overrides: dict | None = None) -> Path:
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    set_keys(params, {**TINY, **(overrides or {})})
+    set_dotted(params, {**TINY, **(overrides or {})})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

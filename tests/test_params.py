@@ -7,20 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError, set_dotted, to_dict
 from pipeline.params import METHODS, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_params(tmp_path, **overrides):
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    data = set_dotted(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

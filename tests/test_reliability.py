@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e import make_project, run, set_keys
+from pipeline.config import set_dotted
+from tests.e2e import make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def project(tmp_path_factory) -> Path:
 def stage(project: Path, *args: str, params: dict | None = None, **env) -> "subprocess.CompletedProcess":
     argv = [sys.executable, "-m", *args]
     if params:
-        data = set_keys(yaml.safe_load((project / "params.yaml").read_text()), params)
+        data = set_dotted(yaml.safe_load((project / "params.yaml").read_text()), params)
         path = project / "override.yaml"
         path.write_text(yaml.safe_dump(data))
         argv += ["--params", str(path)]
