@@ -21,7 +21,8 @@ problem with one minimiser, whatever the solver or its starting point.  We there
 1. minimise the objective divided by ``n`` (same minimiser; a gradient tolerance then means the same
    thing for every dataset size), with the closed-form gradient ``Xᵀ(softmax(Z) − Y)/n + 2w/n·θ``
    written straight into ``.grad`` (no autograd graph), with ``torch.optim.LBFGS`` (strong Wolfe), the
-   optimiser of the official code;
+   optimiser of the official code; the features are stored once, transposed, and the logits
+   computed class-major (``_LogisticObjective``), which halves the memory each evaluation reads;
 2. walk the **regularisation path from the largest w to the smallest**, warm-starting each fit at the
    previous solution (a continuation, as glmnet does).  At ``w = 1e5`` the solution is ≈ 0 (our first
    start), and consecutive ``w`` differ by a factor 1.78, so each fit starts close to its optimum and
@@ -78,6 +79,60 @@ class LogisticFit:
         return self.logits(x).argmax(1)
 
 
+class _LogisticObjective:
+    """The mean official objective on one dataset, prepared once and shared by every fit on it.
+
+    The features are stored **once**, transposed, with the constant-1 row of the bias appended:
+    ``xt`` is ``(d + 1, n)`` and the parameters are ``θ = [W; b]ᵀ`` of shape ``(C, d + 1)``, so the
+    logits are computed class-major, ``Z = θ @ xt`` ``(C, n)``, and the gradient is
+    ``(softmax(Z) − Y) @ xtᵀ / n + reg·θ``.  Both products read the same ``(d + 1) × n`` buffer;
+    keeping a second, row-major copy for one of them doubles the memory each evaluation streams
+    through the cache, which made the evaluation twice as slow on the 2-core CPU
+    (``docs/performance.md``).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int):
+        if x.ndim != 2 or y.shape != (x.shape[0],):
+            raise ValueError(f"fit_logistic: expected x (n, d) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        self.n, self.d = x.shape
+        self.num_classes = num_classes
+        self.xt = torch.cat([x.t(), x.new_ones(1, self.n)]).contiguous()            # (d + 1, n)
+        self.labels = y.unsqueeze(0)                                                   # (1, n)
+        self.onehot = x.new_zeros(num_classes, self.n).scatter_(0, self.labels, 1.0)  # (C, n)
+
+    def fit(self, wd: float, init: LogisticFit | None, max_iter: int, tol: float,
+            history_size: int) -> LogisticFit:
+        n = self.n
+        if init is None:
+            theta = self.xt.new_zeros(self.num_classes, self.d + 1)
+        else:
+            theta = torch.cat([init.weight.t(), init.bias.unsqueeze(1)], 1).to(self.xt.dtype).contiguous()
+        theta.grad = torch.zeros_like(theta)
+        reg = 2.0 * wd / n
+        evaluations = 0
+
+        def closure() -> torch.Tensor:
+            nonlocal evaluations
+            evaluations += 1
+            logits = theta @ self.xt                                           # (C, n)
+            lse = torch.logsumexp(logits, 0, keepdim=True)
+            loss = (lse.sum() - logits.gather(0, self.labels).sum()) / n + 0.5 * reg * theta.pow(2).sum()
+            residual = logits.sub_(lse).exp_().sub_(self.onehot).div_(n)      # ∂(CE/n)/∂logits, one exp pass
+            torch.addmm(theta, residual, self.xt.t(), beta=reg, out=theta.grad)   # (P − Y) Xᵀ/n + reg·θ
+            return loss
+
+        optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                                      tolerance_change=0.0, history_size=history_size,
+                                      line_search_fn="strong_wolfe")
+        with torch.no_grad():
+            optimiser.step(closure)
+            closure()                                    # the gradient at the returned point
+            evaluations -= 1
+            grad_max = theta.grad.abs().max().item()
+        return LogisticFit(theta[:, :-1].t().contiguous(), theta[:, -1].clone(), float(wd), evaluations,
+                           grad_max, grad_max <= tol)
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
                  init: LogisticFit | None = None, max_iter: int = 5000, tol: float = 1e-4,
                  history_size: int = 100) -> LogisticFit:
@@ -87,53 +142,21 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
     otherwise).  ``max_iter`` bounds the L-BFGS iterations as in the official code (torch also caps
     the objective evaluations at 1.25·max_iter); ``history_size`` is torch's (and the official) default.
     Internally ``θ = [W; b]`` acts on ``[x, 1]``: the bias is penalised like the weights, as in
-    the official objective, and each evaluation is two matrix products.
+    the official objective, and each evaluation is two matrix products over one copy of the features.
     """
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"fit_logistic: expected x (n, d) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    n, d = x.shape
-    xa = torch.cat([x, x.new_ones(n, 1)], 1)
-    xa_t = xa.t().contiguous()
-    if init is None:
-        theta = x.new_zeros(d + 1, num_classes)
-    else:
-        theta = torch.cat([init.weight, init.bias.unsqueeze(0)]).to(x.dtype).clone()
-    theta.grad = torch.zeros_like(theta)
-    target = y.unsqueeze(1)
-    reg = 2.0 * wd / n
-    evaluations = 0
-
-    def closure() -> torch.Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        logits = xa @ theta
-        lse = torch.logsumexp(logits, 1, keepdim=True)
-        loss = (lse.sum() - logits.gather(1, target).sum()) / n + 0.5 * reg * theta.pow(2).sum()
-        residual = logits.sub_(lse).exp_()                                # softmax, one exp pass
-        residual.scatter_add_(1, target, residual.new_full(target.shape, -1.0)).div_(n)   # ∂(CE/n)/∂logits
-        torch.addmm(theta, xa_t, residual, beta=reg, out=theta.grad)      # Xᵀ(P − Y)/n + reg·θ
-        return loss
-
-    optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
-                                  tolerance_change=0.0, history_size=history_size,
-                                  line_search_fn="strong_wolfe")
-    with torch.no_grad():
-        optimiser.step(closure)
-        closure()                                    # the gradient at the returned point
-        evaluations -= 1
-        grad_max = theta.grad.abs().max().item()
-    return LogisticFit(theta[:-1].clone(), theta[-1].clone(), float(wd), evaluations, grad_max, grad_max <= tol)
+    return _LogisticObjective(x, y, num_classes).fit(wd, init, max_iter, tol, history_size)
 
 
 def regularisation_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, wds: list[float],
                         max_iter: int = 5000, tol: float = 1e-4) -> list[LogisticFit]:
     """One fit per L2 weight, in the order of ``wds``, computed from the largest to the smallest
     weight, each warm-started at the previous solution (see the module docstring)."""
+    objective = _LogisticObjective(x, y, num_classes)
     order = sorted(range(len(wds)), key=lambda i: -wds[i])
     fits: list[LogisticFit | None] = [None] * len(wds)
     previous = None
     for i in order:
-        previous = fits[i] = fit_logistic(x, y, num_classes, wds[i], init=previous, max_iter=max_iter, tol=tol)
+        previous = fits[i] = objective.fit(wds[i], previous, max_iter, tol, history_size=100)
     return fits  # type: ignore[return-value]
 
 
