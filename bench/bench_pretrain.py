@@ -61,12 +61,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed_interleaved(fns: dict, steps: int, rounds: int, warmup: int, dev: torch.device) -> dict[str, float]:
-    """Median seconds per call of each ``fn(i)``, the conditions interleaved round by round.
+def _timed_interleaved(fns: dict, steps: int, rounds: int, warmup: int,
+                       dev: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each ``fn(i)`` in each round, the conditions interleaved round by round.
 
-    Each round runs ``steps // rounds`` calls of every condition in turn; the median over rounds of
-    the per-call time is reported.  Interleaving makes the comparisons (λ = 0 vs 1, fed vs ceiling)
-    fair on a machine whose load changes during the run, and the median drops rounds hit by a burst.
+    Each round runs ``steps // rounds`` calls of every condition in turn.  Interleaving makes the
+    comparisons (λ = 0 vs 1, fed vs ceiling) fair on a machine whose load changes during the run:
+    a ratio of two conditions is taken within each round (:func:`_paired_overhead`), and medians
+    over rounds drop rounds hit by a burst.
     """
     per_round = max(1, steps // rounds)
     i = 0
@@ -84,7 +86,23 @@ def _timed_interleaved(fns: dict, steps: int, rounds: int, warmup: int, dev: tor
                 i += 1
             _sync(dev)
             times[name].append((_clock() - t0) / per_round)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def _paired_overhead(slow: list[float], fast: list[float]) -> tuple[float, float, float]:
+    """``slow / fast − 1`` in %, per round: (median, 25th, 75th percentile) over the rounds."""
+    ratios = 100 * (np.asarray(slow) / np.asarray(fast) - 1)
+    return float(np.median(ratios)), float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))
+
+
+def _step_flops(setup: "_Setup", i: int) -> int:
+    """Floating-point operations of one training step (forward, backward; torch's FLOP counter,
+    which counts matrix products and convolutions, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        setup.full_step(i)
+    return counter.get_total_flops()
 
 
 class _Setup:
@@ -197,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--images", type=int, default=2048, help="size of the synthetic data set")
+    ap.add_argument("--augself-hidden", type=int, help="hidden width of the AugSelf MLPs (default: augself.hidden_dim)")
+    ap.add_argument("--no-pil", action="store_true", help="skip the PIL-pipeline rows (they take most of the time)")
     ap.add_argument("--out", help="JSON path (default bench/results/pretrain-<device>.json)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: count CPU seconds of this process instead of wall time, for a machine shared "
@@ -229,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ssl = dataclasses.replace(params.ssl, backbone=cfg["backbone"], width=cfg["width"],
                               batch_size=cfg["batch_size"], amp=cfg["amp"], methods=methods)
-    aug_lambda1 = dataclasses.replace(params.augself, lambda_=1.0)
+    aug_lambda1 = dataclasses.replace(params.augself, lambda_=1.0,
+                                      hidden_dim=args.augself_hidden or params.augself.hidden_dim)
     params = dataclasses.replace(params, ssl=ssl, augself=aug_lambda1)
     size, batch, n_img = cfg["image_size"], cfg["batch_size"], max(args.images, 2 * cfg["batch_size"])
     rng = np.random.default_rng(0)
@@ -241,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_pretrain: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{cfg['backbone']} (width {cfg['width']}) {size}x{size}, batch {batch}, amp {cfg['amp']}, "
           f"{args.steps} timed steps in {args.rounds} interleaved rounds, {args.clock} clock; "
-          f"AugSelf augs {params.augself.augmentations}; load average {load_start}",
+          f"AugSelf augs {params.augself.augmentations}, hidden {params.augself.hidden_dim}; "
+          f"load average {load_start}",
           flush=True)
 
     # Augmentation alone: batched (two calls) and per-sample PIL (DataLoader, two views per image).
@@ -252,44 +274,57 @@ def main(argv: list[str] | None = None) -> int:
         g = view_generator(0, 0, i, "cpu")
         augment(images[idx], g)
         augment(images[idx], g)
-    pil = _pil_loader(images_np, params, batch, args.workers, dev.type == "cuda")
-    t_pil_alone = _timed_pil(pil, lambda i, b: None, args.steps, args.workers, dev)
-    print(f"augmentation alone: PIL DataLoader ({args.workers} workers) {batch / t_pil_alone:,.0f} img/s", flush=True)
+    if args.no_pil:
+        pil, t_pil_alone = None, float("nan")
+    else:
+        pil = _pil_loader(images_np, params, batch, args.workers, dev.type == "cuda")
+        t_pil_alone = _timed_pil(pil, lambda i, b: None, args.steps, args.workers, dev)
+        print(f"augmentation alone: PIL DataLoader ({args.workers} workers) {batch / t_pil_alone:,.0f} img/s",
+              flush=True)
 
     rows = []
     for method in methods:
         base = _Setup(params, method, "baseline", images, dev, 100 * total)
         aug = _Setup(params, method, "augself", images, dev, 100 * total)
         pre = base.views(0)                                  # views augmented once: the ceiling
-        t = _timed_interleaved({"lambda0": base.full_step, "lambda1": aug.full_step, "aug": aug_only,
-                                "ceiling": lambda i: base.step(i, *pre)},
-                               args.steps, args.rounds, args.warmup, dev)
+        per_round = _timed_interleaved({"lambda0": base.full_step, "lambda1": aug.full_step, "aug": aug_only,
+                                        "ceiling": lambda i: base.step(i, *pre)},
+                                       args.steps, args.rounds, args.warmup, dev)
+        t = {k: float(np.median(v)) for k, v in per_round.items()}
+        overhead, overhead_q25, overhead_q75 = _paired_overhead(per_round["lambda1"], per_round["lambda0"])
+        flops0, flops1 = _step_flops(base, 10 ** 6), _step_flops(aug, 10 ** 6)
 
         def pil_step(i, views):
             v1, v2 = (v.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views)
             base.step(i, v1, {}, v2, {})
-        t["pil"] = _timed_pil(pil, pil_step, args.steps, args.workers, dev)
+        t["pil"] = float("nan") if pil is None else _timed_pil(pil, pil_step, args.steps, args.workers, dev)
         del base, aug
         t0, t1 = t["lambda0"], t["lambda1"]
         row = {"method": method,
                "step_ms_lambda0": 1e3 * t0, "step_ms_lambda1": 1e3 * t1,
                "images_per_s_lambda0": batch / t0, "images_per_s_lambda1": batch / t1,
-               "augself_overhead_pct": 100 * (t1 / t0 - 1),
+               "augself_overhead_pct": overhead,              # median over rounds of the paired ratio
+               "augself_overhead_pct_iqr": [overhead_q25, overhead_q75],
+               "gflops_per_step_lambda0": flops0 / 1e9, "gflops_per_step_lambda1": flops1 / 1e9,
+               "augself_flops_pct": 100 * (flops1 / flops0 - 1),
                "aug_ms": 1e3 * t["aug"], "aug_share_pct": 100 * t["aug"] / t0,
                "images_per_s_preaugmented": batch / t["ceiling"],
-               "images_per_s_pil_loader": batch / t["pil"],
-               "speedup_vs_pil_loader": t["pil"] / t0}
+               "images_per_s_pil_loader": None if pil is None else batch / t["pil"],
+               "speedup_vs_pil_loader": None if pil is None else t["pil"] / t0}
         rows.append(row)
         print(f"{method}: λ=0 {row['images_per_s_lambda0']:,.0f} img/s, λ=1 {row['images_per_s_lambda1']:,.0f} img/s "
-              f"({row['augself_overhead_pct']:+.1f}%), aug share {row['aug_share_pct']:.1f}%", flush=True)
+              f"({row['augself_overhead_pct']:+.1f}%, rounds IQR {overhead_q25:+.1f}..{overhead_q75:+.1f}%; "
+              f"FLOPs {row['augself_flops_pct']:+.1f}%), aug share {row['aug_share_pct']:.1f}%", flush=True)
 
-    head = (f"{'method':8s} {'λ=0 img/s':>10s} {'λ=1 img/s':>10s} {'AugSelf +%':>10s} {'aug % step':>10s} "
-            f"{'ceiling':>10s} {'PIL-fed':>10s} {'vs PIL':>7s}")
+    head = (f"{'method':8s} {'λ=0 img/s':>10s} {'λ=1 img/s':>10s} {'AugSelf +%':>10s} {'+% FLOPs':>9s} "
+            f"{'aug % step':>10s} {'ceiling':>10s} {'PIL-fed':>10s} {'vs PIL':>7s}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['method']:8s} {r['images_per_s_lambda0']:10,.0f} {r['images_per_s_lambda1']:10,.0f} "
-              f"{r['augself_overhead_pct']:10.1f} {r['aug_share_pct']:10.1f} {r['images_per_s_preaugmented']:10,.0f} "
-              f"{r['images_per_s_pil_loader']:10,.0f} {r['speedup_vs_pil_loader']:6.1f}x")
+              f"{r['augself_overhead_pct']:10.1f} {r['augself_flops_pct']:9.1f} {r['aug_share_pct']:10.1f} "
+              f"{r['images_per_s_preaugmented']:10,.0f} "
+              + (f"{'-':>10s} {'-':>7s}" if r["images_per_s_pil_loader"] is None else
+                 f"{r['images_per_s_pil_loader']:10,.0f} {r['speedup_vs_pil_loader']:6.1f}x"))
     t_aug = float(np.median([r["aug_ms"] for r in rows])) / 1e3   # measured alongside every method
     speedup = t_pil_alone / t_aug
     worst_overhead = max(r["augself_overhead_pct"] for r in rows)
@@ -297,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "augself_overhead_pct<=5": worst_overhead <= TARGETS["augself_overhead_pct_max"],
         "aug_share_pct<=10": worst_share <= TARGETS["aug_share_pct_max"],
-        "aug_speedup_vs_pil>=3": speedup >= TARGETS["aug_speedup_vs_pil_min"],
+        "aug_speedup_vs_pil>=3": None if args.no_pil else speedup >= TARGETS["aug_speedup_vs_pil_min"],
     }
-    print(f"\naugmentation: batched {batch / t_aug:,.0f} img/s vs PIL {batch / t_pil_alone:,.0f} img/s "
-          f"({speedup:.1f}x); worst AugSelf overhead {worst_overhead:.1f}%, worst aug share {worst_share:.1f}%")
+    versus_pil = "" if pil is None else f" vs PIL {batch / t_pil_alone:,.0f} img/s ({speedup:.1f}x)"
+    print(f"\naugmentation: batched {batch / t_aug:,.0f} img/s{versus_pil}; "
+          f"worst AugSelf overhead {worst_overhead:.1f}%, worst aug share {worst_share:.1f}%")
     for k, ok in checks.items():
-        print(f"  target {k}: {'met' if ok else 'NOT met'}")
+        print(f"  target {k}: {'not measured (--no-pil)' if ok is None else 'met' if ok else 'NOT met'}")
 
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"pretrain-{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         "clock": args.clock, "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "config": {**cfg, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers,
-                   "augself_augmentations": params.augself.augmentations, "images": n_img},
-        "augmentation": {"batched_images_per_s": batch / t_aug, "pil_loader_images_per_s": batch / t_pil_alone,
-                         "speedup": speedup, "batched_ms_per_batch": 1e3 * t_aug},
+                   "augself_augmentations": params.augself.augmentations,
+                   "augself_hidden_dim": params.augself.hidden_dim, "images": n_img},
+        "augmentation": {"batched_images_per_s": batch / t_aug,
+                         "pil_loader_images_per_s": None if pil is None else batch / t_pil_alone,
+                         "speedup": None if pil is None else speedup, "batched_ms_per_batch": 1e3 * t_aug},
         "methods": rows, "targets": TARGETS, "checks": checks,
     }
     tmp = out.with_suffix(".json.tmp")
