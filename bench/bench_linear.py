@@ -6,7 +6,7 @@ official objective ``Σ CE + w(‖W‖² + ‖b‖²)``, the best w (ties: small
 test top-1.  scikit-learn minimises ``C·Σ CE + ½‖θ‖²`` and never penalises its intercept, so it gets
 ``C = 1 / (2w)``, ``fit_intercept=False`` and a constant feature 1 appended (whose weight is then
 the bias, penalised like the official one), ``solver='lbfgs'``, ``max_iter`` = the protocol's
-``eval.linear.max_iter``, its default ``tol``.  The optional ``--sklearn-warm`` row runs scikit-learn
+``eval.linear.max_iter``, ``tol`` = ``eval.linear.tol`` (both default to 1e-4).  The optional ``--sklearn-warm`` row runs scikit-learn
 with ``warm_start=True`` over the same path (largest w first), which shows how much of the speed-up
 is the continuation and how much is the solver.
 
@@ -53,7 +53,7 @@ def sklearn_protocol(train_x, train_y, test_x, test_y, params: LinearParams, see
     x_tr, x_va, x_all, x_te = ones(train_x[tr]), ones(train_x[va]), ones(train_x), ones(test_x)
     wds = torch.logspace(params.wd_min_exp, params.wd_max_exp, params.wd_steps, dtype=torch.float64).tolist()
     order = sorted(range(len(wds)), key=lambda i: -wds[i]) if warm else range(len(wds))
-    model = LogisticRegression(fit_intercept=False, max_iter=params.max_iter, warm_start=warm)
+    model = LogisticRegression(fit_intercept=False, max_iter=params.max_iter, tol=params.tol, warm_start=warm)
     val_acc, coefs = [0.0] * len(wds), [None] * len(wds)
     for i in order:
         model.set_params(C=1.0 / (2.0 * wds[i]))
@@ -62,7 +62,7 @@ def sklearn_protocol(train_x, train_y, test_x, test_y, params: LinearParams, see
         coefs[i] = model.coef_.copy()
     best = max(range(len(wds)), key=lambda i: (val_acc[i], -wds[i]))
     final = LogisticRegression(C=1.0 / (2.0 * wds[best]), fit_intercept=False, max_iter=params.max_iter,
-                               warm_start=warm)
+                               tol=params.tol, warm_start=warm)
     if warm:  # start the refit from the best validation fit, as ours and the official code do
         final.coef_ = coefs[best]
     final.fit(x_all, train_y)

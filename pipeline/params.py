@@ -182,12 +182,14 @@ class LinearParams:
     wd_max_exp: float = 5.0
     wd_steps: int = 45
     max_iter: int = 5000                # L-BFGS iterations per fit
+    tol: float = 1e-4                   # stop a fit at max|∇(objective / n)| <= tol (scikit-learn's default)
     class_average: list[str] = field(default_factory=list)  # datasets reported as mean per-class accuracy
 
     def __post_init__(self):
         check_range("eval.linear.val_fraction", self.val_fraction, 0, 1, lo_open=True, hi_open=True)
         check_range("eval.linear.wd_steps", self.wd_steps, 1)
         check_range("eval.linear.max_iter", self.max_iter, 1)
+        check_range("eval.linear.tol", self.tol, 0, lo_open=True)
 
 
 @dataclass

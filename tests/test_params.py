@@ -40,6 +40,7 @@ def test_project_params_load_and_round_trip():
     ("augment.crop_scale", [0.5, 0.2], ["augment.crop_scale[1]", "0.2"]),
     ("ssl.simclr.temperature", 0, ["ssl.simclr.temperature", "0"]),
     ("eval.fewshot.shots", [0, 5], ["eval.fewshot.shots[0]"]),
+    ("eval.linear.tol", 0, ["eval.linear.tol", "0"]),
 ])
 def test_bad_values_are_refused_with_key_value_and_allowed(tmp_path, key, value, expected):
     path = write_params(tmp_path, **{key: value})
