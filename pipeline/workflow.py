@@ -110,9 +110,14 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 # -- evaluation ---------------------------------------------------------------------------------
 def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float]) -> None:
+    """Log evaluation metrics into the model's run and move the run to the current config ``group``:
+    when only ``eval.*`` changed, DVC re-runs the evaluation of the same model, so the run now holds
+    metrics of the current configuration and the report must find it there (its parameters, logged
+    when the run was created, keep the values it was trained with)."""
     tracker = Tracker(params)
     run_id = read_run_id(Path(models_dir) / model)
     tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, {"group": params.group_hash()})
     tracker.end_run(run_id)
 
 
