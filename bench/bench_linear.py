@@ -72,7 +72,7 @@ def sklearn_protocol(train_x, train_y, test_x, test_y, params: LinearParams, see
 
 def warm_up(params: LinearParams, device: str) -> float:
     """Run both solvers once on a tiny problem before timing, so neither row pays a one-time cost:
-    the first ``torch.optim`` optimiser of a process imports ``torch._dynamo`` (≈ 1.5 s on the
+    the first ``torch.optim`` optimiser of a process imports ``torch._dynamo`` (≈ 1.3 s on the
     2-core CPU; a pipeline stage pays it once, whatever the data size), scikit-learn's first fit
     loads its solver modules.  Returns the seconds this took (reported, not hidden)."""
     start = time.perf_counter()
@@ -129,7 +129,8 @@ def main() -> None:
 
     result = {
         "config": {**vars(args), "wd_steps": params.wd_steps, "wd_min_exp": params.wd_min_exp,
-                   "wd_max_exp": params.wd_max_exp, "max_iter": params.max_iter, "val_fraction": params.val_fraction},
+                   "wd_max_exp": params.wd_max_exp, "max_iter": params.max_iter, "tol": params.tol,
+                   "val_fraction": params.val_fraction},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_before": load_before,
                     "warmup_seconds": warmup_seconds, "platform": platform.platform(),
