@@ -46,7 +46,7 @@ def circular_mean_hue(rgb: np.ndarray) -> float:
 def test_registry_names_tasks_and_errors():
     assert {"cfmnist", "digits", "cifar10", "cifar100", "stl10", "flowers102", "dtd", "pets", "food101",
             "caltech101", "aircraft", "cars", "sun397", "imagenet100", "fc100", "cub200", "plant_disease"} <= set(DATASETS)
-    assert dataset_tasks("cfmnist") == ("class", "color", "fine")
+    assert dataset_tasks("cfmnist") == ("class", "color", "fine", "hue")
     assert set(DataParams().datasets["cfmnist"].tasks) <= set(dataset_tasks(DataParams().pretrain))
     assert pretrain_splits("stl10") == ("train", "unlabeled")
     assert DATASETS["stl10"].image_size == 96 and DATASETS["cifar10"].image_size == 32
@@ -73,11 +73,12 @@ def test_cfmnist_shapes_labels_and_fine(tmp_path, fmnist):
     for split, n in (("train", 60), ("test", 24)):
         s = load_split(tmp_path / "prepared", "cfmnist", split)
         assert s.images.shape == (n, 32, 32, 3) and s.images.dtype == np.uint8
-        assert set(s.labels) == {"class", "color", "fine"}
+        assert set(s.labels) == {"class", "color", "fine", "hue"}
         assert all(y.dtype == np.int64 for y in s.labels.values())
         np.testing.assert_array_equal(s.labels["class"], fmnist[split][1])
         assert s.labels["color"].min() >= 0 and s.labels["color"].max() < 6
         np.testing.assert_array_equal(s.labels["fine"], s.labels["class"] * 6 + s.labels["color"])
+        np.testing.assert_array_equal(s.labels["hue"] // cfmnist.HUE_SUBBINS, s.labels["color"])
         # black 2-px border (padding of the 28x28 garment) and black background inside
         assert not s.images[:, :2].any() and not s.images[:, :, -2:].any()
         np.testing.assert_array_equal(s.images[..., 2:30, 2:30, :].max(-1) == 0, fmnist[split][0] == 0)
@@ -91,6 +92,29 @@ def test_cfmnist_shapes_labels_and_fine(tmp_path, fmnist):
     assert meta["splits"] == {"train": 60, "test": 24} and meta["image_size"] == 32
     assert meta["source"] == str(tmp_path / "raw" / "fashion-mnist")
     assert meta["params"]["colour"]["saturation"] == cfmnist.SATURATION
+    assert meta["tasks"]["hue"]["num_classes"] == 24
+
+
+def test_cfmnist_hue_task_follows_the_drawn_hue():
+    """'hue' = 6-bin colour · 4 + the 12° sub-bin of the hue within the bin's central ±24° band:
+    check against the hue recovered from the colourised pixels (hexcone hue of the garment's tint)."""
+    import colorsys
+    classes = np.repeat(np.arange(10), 60)
+    bins, hues = cfmnist.sample_colours(classes, seed=3, split="train")
+    y = cfmnist.hue_class_of(hues)
+    assert y.min() == 0 and y.max() == 23 and (y // 4 == bins).all()
+    counts = np.bincount(y, minlength=24)
+    assert counts.min() > 0.5 * counts.mean()                    # balanced: hue uniform within the band
+    grey = np.full((len(hues), 28, 28), 255, np.uint8)
+    pixels = cfmnist.colourise(grey, hues)[:, 16, 16].astype(np.float64) / 255
+    recovered = np.array([colorsys.rgb_to_hsv(*p)[0] for p in pixels])
+    degrees = lambda h: (h * 360 + 180) % 360 - 180
+    # sub-bin boundaries every 12°, hue recovered within uint8 rounding (< 1°): away from a boundary
+    # the label of the recovered hue is the label
+    offset = np.abs(((recovered * 6 - bins + 0.5) % 6 - 0.5) * 60)
+    away = (np.abs(offset % 12 - 6) < 5.0)
+    np.testing.assert_array_equal(cfmnist.hue_class_of(recovered)[away], y[away])
+    assert np.abs(degrees(recovered - hues)).max() < 1.0
 
 
 def test_cfmnist_colour_label_follows_drawn_hue(tmp_path, fmnist):

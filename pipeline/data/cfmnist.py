@@ -16,7 +16,11 @@ Design (all constants below are written to meta.json under ``params.colour``):
   below 1 so saturation jitter can move it both ways).  Value = garment intensity / 255, i.e.
   ``pixel = intensity · (1 − S + S · rgb(hue))``: the garment's shading is kept, only tinted.
 * Labels: 'class' = the 10 garments, 'color' = the hue bin, 'fine' = class · 6 + color (60 classes,
-  used for few-shot episodes).  Bins are assigned *balanced within each garment class* (a random
+  used for few-shot episodes), 'hue' = the hue at 12° resolution: each bin's central ±24° band cut
+  into ``HUE_SUBBINS = 4`` sub-bins of 12° (24 classes, ``color · 4 + sub-bin``, balanced because the
+  hue is uniform within the band).  Colour jitter with ``hue = 0.1`` moves the hue by up to ±36°,
+  three sub-bins: a network that becomes invariant to the jitter cannot tell neighbouring 'hue'
+  classes apart, while the 6-bin 'color' task survives (the premise of AugSelf, docs/study.md).  Bins are assigned *balanced within each garment class* (a random
   permutation of 0,1,…,5,0,1,… per class), so every fine class has ⌊n_class/6⌋ or ⌈n_class/6⌉
   images: 1000 per fine class in train, 166–167 in test.
 * Determinism: bins and hues of a split depend only on (``data.seed``, split), drawn from numpy's
@@ -29,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 NUM_HUE_BINS = 6
+HUE_SUBBINS = 4           # 'hue' task: sub-bins of the central band of each bin (12° each)
 HUE_BIN_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
 HUE_MARGIN = 0.1          # fraction of the bin width kept free on each side
 SATURATION = 0.9
@@ -48,6 +53,16 @@ def design() -> dict:
 def hue_bin_of(hue: np.ndarray) -> np.ndarray:
     """Bin index of hues in [0, 1) (bin k centred on k/6), the inverse used by tests and analyses."""
     return np.floor((np.asarray(hue) * NUM_HUE_BINS + 0.5) % NUM_HUE_BINS).astype(np.int64)
+
+
+def hue_class_of(hue: np.ndarray) -> np.ndarray:
+    """'hue' task label (0..23) of hues in [0, 1): ``bin · 4 + sub-bin`` of the central ±24° band."""
+    h6 = np.asarray(hue, dtype=np.float64) * NUM_HUE_BINS
+    bins = hue_bin_of(hue)
+    offset = (h6 - bins + 0.5) % NUM_HUE_BINS - 0.5          # position within the bin, in bin widths
+    band = 0.5 - HUE_MARGIN
+    sub = np.clip(np.floor((offset + band) / (2 * band) * HUE_SUBBINS), 0, HUE_SUBBINS - 1).astype(np.int64)
+    return bins * HUE_SUBBINS + sub
 
 
 def sample_colours(class_labels: np.ndarray, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +96,11 @@ def colourise(grey: np.ndarray, hues: np.ndarray) -> np.ndarray:
 
 
 def label_names() -> dict[str, list[str]]:
-    """Class names per task: class, color, fine (fine k = class k // 6 in colour k % 6)."""
+    """Class names per task: class, color, fine (fine k = class k // 6 in colour k % 6), hue
+    (hue k = colour k // 4, sub-bin k % 4, named by its range in degrees from the bin centre)."""
+    width = 2 * (0.5 - HUE_MARGIN) * 360 / NUM_HUE_BINS / HUE_SUBBINS     # 12°
+    lo = -(0.5 - HUE_MARGIN) * 360 / NUM_HUE_BINS                           # -24°
+    subs = [f"{lo + i * width:+.0f}..{lo + (i + 1) * width:+.0f}deg" for i in range(HUE_SUBBINS)]
     return {"class": list(FMNIST_CLASSES), "color": list(HUE_BIN_NAMES),
-            "fine": [f"{colour} {garment}" for garment in FMNIST_CLASSES for colour in HUE_BIN_NAMES]}
+            "fine": [f"{colour} {garment}" for garment in FMNIST_CLASSES for colour in HUE_BIN_NAMES],
+            "hue": [f"{colour} {sub}" for colour in HUE_BIN_NAMES for sub in subs]}

@@ -59,7 +59,7 @@ class DatasetSpec:
 def _specs() -> list[DatasetSpec]:
     tv = TorchvisionSource
     return [
-        DatasetSpec("cfmnist", ("class", "color", "fine"), 32, ColourisedFashionMNISTSource(),
+        DatasetSpec("cfmnist", ("class", "color", "fine", "hue"), 32, ColourisedFashionMNISTSource(),
                     "Fashion-MNIST colourised one hue per image (offline default)"),
         DatasetSpec("digits", ("class",), 32, DigitsSource(), "scikit-learn 8x8 digits, upsampled (offline transfer)"),
         DatasetSpec("cifar10", ("class",), 32, CifarSource(10), "CIFAR-10"),

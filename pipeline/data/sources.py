@@ -179,7 +179,8 @@ class ColourisedFashionMNISTSource(FashionMNISTSource):
                 return resize_batch(cfmnist.colourise(grey[indices], hues[indices]), size, mode="bilinear")
 
             splits[split] = RawSplit(len(grey), {"class": classes, "color": bins,
-                                                 "fine": classes * cfmnist.NUM_HUE_BINS + bins}, read)
+                                                 "fine": classes * cfmnist.NUM_HUE_BINS + bins,
+                                                 "hue": cfmnist.hue_class_of(hues)}, read)
         return RawDataset(splits, cfmnist.label_names(), str(path), {"colour": cfmnist.design()})
 
 
