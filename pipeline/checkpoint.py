@@ -35,12 +35,13 @@ def write_json(path: str | Path, data: dict) -> Path:
     return _write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def write_csv(path: str | Path, rows: list[dict]) -> Path | None:
-    """``rows`` as CSV with the first row's keys as header, atomically; nothing when ``rows`` is empty."""
-    if not rows:
+def write_csv(path: str | Path, rows: list[dict], header: list[str] | None = None) -> Path | None:
+    """``rows`` as CSV with the first row's keys as header, atomically.  With no rows: only ``header``
+    (a declared DVC output must exist even when empty), or nothing when ``header`` is None."""
+    if not rows and header is None:
         return None
     buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else list(header))
     writer.writeheader()
     writer.writerows(rows)
     return _write_atomic(path, lambda f: f.write(buf.getvalue().encode()))

@@ -9,7 +9,7 @@ and writes, under ``out_dir``:
 ``metrics.json``   ``pretrain/*`` loss means over the last epoch (deterministic for a seed)
 ``losses.csv``     one row per log point: step, epoch, the loss terms and the lr (deterministic)
 ``monitor.csv``    one row per kNN monitor point (:mod:`pipeline.monitor`): step, epoch,
-                   ``monitor/<task>/{knn_top1,nn1_top1}`` (deterministic; only when a monitor is given)
+                   ``monitor/<task>/{knn_top1,nn1_top1}`` (deterministic; only the header without a monitor)
 ``timing.json``    images/s, training wall time and the monitor's seconds (vary between runs)
 ``timing.csv``     one row per log point: step, images/s of the window, wall time so far
 
@@ -834,7 +834,7 @@ def _finish(run: _Run) -> TrainResult:
         ckpt_io.write_json(run.out_dir / TIMING, {k: v for k, v in metrics.items() if k in TIMING_KEYS})
         ckpt_io.write_csv(run.out_dir / LOSSES, run.log.rows)
         ckpt_io.write_csv(run.out_dir / TIMING_CSV, run.timing_rows)
-        ckpt_io.write_csv(run.out_dir / MONITOR, run.monitor_rows)
+        ckpt_io.write_csv(run.out_dir / MONITOR, run.monitor_rows, header=["step", "epoch"])   # a DVC out: always
     return result
 
 
