@@ -8,12 +8,12 @@ library.  Bad input (a ConfigError, a missing/corrupt dataset or checkpoint) is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from pipeline.checkpoint import write_json  # noqa: F401  (the stages' JSON writer: one atomic helper)
 from pipeline.config import ConfigError
 from pipeline.params import Params, load_params
 
@@ -60,15 +60,6 @@ def check_dataset_entries(params: Params) -> None:
 
     for name, entry in params.data.datasets.items():
         check_entry(name, entry)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write metrics atomically (temp file + rename) with sorted keys, so reruns give identical bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def is_main_process() -> bool:

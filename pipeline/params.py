@@ -95,6 +95,7 @@ class SSLParams:
     checkpoint_every: int = 50          # steps between checkpoints (and at the end)
     log_every: int = 10                 # steps between loss read-backs (no host sync in between)
     threads: int = 0                    # torch CPU threads (0: torch default)
+    monitor_every: int = 1              # epochs between kNN monitor points (0: off); see pipeline/monitor.py
     simclr: MethodParams = field(default_factory=lambda: _default_methods()["simclr"])
     simsiam: MethodParams = field(default_factory=lambda: _default_methods()["simsiam"])
     moco: MethodParams = field(default_factory=lambda: _default_methods()["moco"])
@@ -113,6 +114,7 @@ class SSLParams:
         check_range("ssl.warmup_epochs", self.warmup_epochs, 0)
         check_range("ssl.checkpoint_every", self.checkpoint_every, 1)
         check_range("ssl.log_every", self.log_every, 1)
+        check_range("ssl.monitor_every", self.monitor_every, 0)
         check_range("ssl.width", self.width, 1)
 
     def method(self, name: str) -> MethodParams:

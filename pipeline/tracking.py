@@ -223,7 +223,7 @@ def _runs_from_mlflow(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFr
     curves = {}
     for run_id in runs["run_id"]:
         cols = {}
-        for key in [k for k in client.get_run(run_id).data.metrics if k.startswith("pretrain/loss")]:
+        for key in [k for k in client.get_run(run_id).data.metrics if k.startswith(("pretrain/loss", "monitor/"))]:
             hist = client.get_metric_history(run_id, key)
             cols[key] = pd.Series({m.step: m.value for m in hist})
         if cols:
@@ -254,6 +254,10 @@ def _runs_from_files(params: Params, models_dir: Path, metrics_dir: Path) -> tup
             losses = models_dir / name / "losses.csv"
             if losses.exists():
                 curves[row["run_id"]] = pd.read_csv(losses)
+            monitor = models_dir / name / "monitor.csv"      # kNN monitor points: joined on the step
+            if monitor.exists() and row["run_id"] in curves:
+                curves[row["run_id"]] = curves[row["run_id"]].merge(
+                    pd.read_csv(monitor).drop(columns="epoch"), on="step", how="outer")
     return pd.DataFrame(rows), curves
 
 

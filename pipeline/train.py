@@ -7,8 +7,23 @@ and writes, under ``out_dir``:
                    scaler, step, epoch, RNG states, loss history, and the :func:`training_hash`.
 ``final.pt``       the backbone in the format evaluation reads (``docs/architecture.md``).
 ``metrics.json``   ``pretrain/*`` loss means over the last epoch (deterministic for a seed)
-``timing.json``    images/s and wall time
-``losses.csv``     one row per log point: step, epoch, the ``pretrain/*`` columns.
+``losses.csv``     one row per log point: step, epoch, the loss terms and the lr (deterministic)
+``monitor.csv``    one row per kNN monitor point (:mod:`pipeline.monitor`): step, epoch,
+                   ``monitor/<task>/{knn_top1,nn1_top1}`` (deterministic; only the header without a monitor)
+``timing.json``    images/s, training wall time and the monitor's seconds (vary between runs)
+``timing.csv``     one row per log point: step, images/s of the window, wall time so far
+
+The first three are committed DVC metrics/plots and are byte-identical for a seed, so a repro that
+reproduces leaves git clean; the timing files are DVC-cached outputs (not in git).
+
+Reading order
+-------------
+:func:`pretrain` checks the request once (:func:`check_request`, the images, the world size) and
+:func:`_pretrain` is the loop, one named phase per function, each taking the shared :class:`_Run`:
+``_setup`` (schedule sizes, seeded model, optimiser) → ``_resume`` (checkpoint or fresh RNG
+stream) → ``_place`` (DDP/compile, data on the device) → per step ``_train_step`` → at log points
+``_read_losses`` (the NaN guard) and ``_log`` → at epoch ends ``_monitor`` and the progress line →
+``_save_checkpoint`` → ``_finish`` (final.pt and the files).
 
 Conventions
 -----------
@@ -38,6 +53,14 @@ Conventions
   called, the progress bar updated and non-finite losses detected.  A non-finite term raises
   :class:`NonFiniteLossError` naming the first bad step and term; since the check runs before every
   checkpoint write, the last good checkpoint is never overwritten with a diverged model.
+* **kNN monitor** (``ssl.monitor_every`` epochs, 0 = off, and at the last epoch; only when
+  ``pretrain(monitor=...)`` is given): rank 0 evaluates the frozen backbone in eval mode under
+  ``no_grad`` after the epoch's losses were read back and before its checkpoint, drawing no
+  randomness, so training is the same with and without it; its rows are stored in the checkpoint, so
+  a resumed run has the same curve.  Its time is excluded from images/s and reported as
+  ``pretrain/monitor_s``.
+* **Progress** (rank 0): a tqdm bar on a terminal; off a terminal one line per epoch on stderr
+  (epoch/total, mean loss terms, kNN top-1 when measured, images/s, elapsed, ETA).
 * **Checkpoints** every ``ssl.checkpoint_every`` steps and at the end.  On start an existing
   ``checkpoint.pt`` with the same hash (and world size) is resumed; one with another hash is
   reported and ignored (a fresh run overwrites it).  A finished checkpoint skips training and only
@@ -59,7 +82,6 @@ import csv
 import hashlib
 import functools
 import hashlib
-import json
 import math
 import os
 import struct
@@ -82,19 +104,21 @@ from pipeline.augself import build_augself_head
 from pipeline.config import ConfigError, check_choice, stable_hash, to_dict
 from pipeline.methods import build_method
 from pipeline.models import build_backbone
+from pipeline.monitor import KnnMonitor, MonitorData
 from pipeline.params import METHODS, VARIANTS, Params
 
 __all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "checkpoint_resumable", "PretrainModel",
            "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",
-           "CHECKPOINT", "FINAL", "METRICS", "LOSSES", "TIMING"]
+           "check_request", "CHECKPOINT", "FINAL", "METRICS", "LOSSES", "TIMING", "TIMING_CSV", "MONITOR"]
 
 CHECKPOINT, FINAL, METRICS, LOSSES, TIMING = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv", "timing.json"
-TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s")
+TIMING_CSV, MONITOR = "timing.csv", "monitor.csv"
+TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s", "pretrain/monitor_s")
 NAN_ENV = "AUGSELF_INJECT_NAN"   # test hook, see pretrain(inject_nan=...)
 _CKPT_VERSION = 1
 # ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed):
 # editing them must not void a run in progress.
-_NOT_TRAINING_KEYS = ("methods", "checkpoint_every", "log_every", "threads") + METHODS
+_NOT_TRAINING_KEYS = ("methods", "checkpoint_every", "log_every", "threads", "monitor_every") + METHODS
 
 
 class NonFiniteLossError(RuntimeError):
@@ -363,17 +387,6 @@ class _LossLog:
         self.window, self.window_n = np.array(state["window"][0]), state["window"][1]
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -383,22 +396,58 @@ def _append_csv(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _say(msg: str) -> None:
     if distributed.is_main():
         print(f"[pretrain] {msg}", file=sys.stderr, flush=True)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-    disable = not (enabled and distributed.is_main() and sys.stderr.isatty())
-    return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="step",
-                dynamic_ncols=True, leave=True)
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class _Progress:
+    """What a person watching the run sees (rank 0 only, nothing when ``enabled`` is False).
+
+    On a terminal: a tqdm bar over the steps.  Off a terminal (``make repro`` piped to a log, nohup, a
+    batch scheduler), where a bar would print nothing useful: one line per epoch on stderr with the
+    epoch's mean loss terms, images/s over the epoch (wall clock, checkpoints and monitor included),
+    the elapsed time of this process and the ETA from the steps it has done so far.
+    """
+
+    def __init__(self, run: "_Run", enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.on = enabled and run.main
+        self.tty = self.on and sys.stderr.isatty()
+        self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not self.tty, unit="step",
+                        desc=f"{run.method}-{run.variant}", dynamic_ncols=True, leave=True)
+        self.t0 = self.epoch_t0 = time.perf_counter()
+        self.first_step = run.step
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def postfix(self, loss: float, images_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+
+    def epoch_done(self, run: "_Run", monitor: dict[str, float]) -> None:
+        if not self.on or self.tty:
+            return
+        now, epoch = time.perf_counter(), run.step // run.steps_per_epoch
+        done = run.step - self.first_step
+        losses = run.log.epoch_means(epoch - 1)
+        terms = "  ".join(f"{k.removeprefix('pretrain/loss_')} {v:.4f}" for k, v in losses.items())
+        knn = "".join(f"  {k.removeprefix('monitor/')} {v:.1f}" for k, v in monitor.items() if k.endswith("knn_top1"))
+        speed = run.steps_per_epoch * run.params.ssl.batch_size / max(now - self.epoch_t0, 1e-9)
+        eta = (now - self.t0) / max(done, 1) * (run.stop_at - run.step)
+        print(f"[pretrain] {run.method}-{run.variant} epoch {epoch}/{run.params.ssl.epochs}  {terms}{knn}  "
+              f"{speed:.0f} img/s  elapsed {_clock(now - self.t0)}  ETA {_clock(eta)}", file=sys.stderr, flush=True)
+        self.epoch_t0 = now
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _parse_nan_hook(inject_nan: str | None) -> tuple[int, str] | None:
@@ -424,34 +473,46 @@ def _validate_images(images: np.ndarray, batch_size: int) -> None:
                           f"lower ssl.batch_size or raise data.datasets.<name>.max_train")
 
 
+def check_request(params: Params, method: str, variant: str) -> None:
+    """The one check of what a caller asks to train: ``method`` in ``ssl.methods``, a known ``variant``.
+
+    Called where the request enters the library (:func:`pretrain`, and the stage glue
+    :func:`pipeline.workflow.run_pretraining` before it starts an MLflow run); the loop and the
+    helpers below it take the names as checked.
+    """
+    check_choice("ssl.methods", method, params.ssl.methods)
+    check_choice("variant", variant, VARIANTS)
+
+
 # ---------------------------------------------------------------------------- the loop
 def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_dir: str | Path,
              on_log: Callable[[int, dict[str, float]], None] | None = None, device: str | None = None,
              max_steps: int | None = None, progress: bool = True,
-             inject_nan: str | None = None) -> TrainResult:
+             inject_nan: str | None = None, monitor: MonitorData | None = None) -> TrainResult:
     """Pretrain ``method`` (``variant`` ``baseline``: λ = 0, ``augself``: λ = augself.lambda) on ``images``.
 
     ``images``: uint8 ``(N, S, S, 3)``.  ``device``: default ``cuda`` when available (under DDP the
     rank's ``cuda:LOCAL_RANK``), else ``cpu``.  ``on_log(step, metrics)`` is called on rank 0 every
     ``ssl.log_every`` steps and at the last step with the window means of the ``pretrain/*`` terms,
-    the lr and images/s.  ``max_steps`` stops after that many steps in total (the schedule is still
-    the one of ``ssl.epochs``; the run can be resumed later); ``final.pt`` and ``metrics.json`` are
-    written only once the schedule is complete.
+    the lr and images/s, and after each kNN monitor evaluation with its ``monitor/*`` metrics.
+    ``max_steps`` stops after that many steps in total (the schedule is still the one of
+    ``ssl.epochs``; the run can be resumed later); ``final.pt`` and ``metrics.json`` are written
+    only once the schedule is complete.  ``monitor``: the labelled images of the kNN monitor
+    (:mod:`pipeline.monitor`), evaluated every ``ssl.monitor_every`` epochs; None (or
+    ``ssl.monitor_every: 0``) runs without it.  ``progress``: a bar on a terminal, else one line per
+    epoch on stderr.
 
     ``inject_nan`` is a **test hook**: ``"<step>[:<term>]"`` (1-based step; term ``ssl`` (default),
     ``augself/<aug>`` or ``total``) poisons that loss term with NaN; the environment variable
     ``AUGSELF_INJECT_NAN`` does the same for a run launched from the command line.
     """
-    check_choice("method", method, METHODS)
-    check_choice("variant", variant, VARIANTS)
-    ssl = params.ssl
-    _validate_images(images, ssl.batch_size)
+    check_request(params, method, variant)
+    _validate_images(images, params.ssl.batch_size)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if ssl.batch_size % env_world:
-        raise ConfigError(f"ssl.batch_size: {ssl.batch_size} does not divide by the world size {env_world} "
+    if params.ssl.batch_size % env_world:
+        raise ConfigError(f"ssl.batch_size: {params.ssl.batch_size} does not divide by the world size {env_world} "
                           f"(the global batch is split evenly across DDP ranks); use a multiple of {env_world}")
     nan_hook = _parse_nan_hook(inject_nan)
-    out_dir = Path(out_dir)
 
     ctx = distributed.setup_from_env() if env_world > 1 else None
     threads = torch.get_num_threads()
@@ -460,7 +521,8 @@ def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_
             dev = ctx.device
         else:
             dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return _pretrain(params, method, variant, images, out_dir, on_log, dev, max_steps, progress, nan_hook)
+        return _pretrain(params, method, variant, images, Path(out_dir), on_log, dev, max_steps, progress,
+                         nan_hook, monitor)
     finally:
         torch.set_num_threads(threads)       # ssl.threads applies to this run only
         if ctx is not None:
@@ -468,184 +530,311 @@ def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_
 
 
 def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_dir: Path, on_log,
-              dev: torch.device, max_steps: int | None, progress: bool,
-              nan_hook: tuple[int, str] | None) -> TrainResult:
+              dev: torch.device, max_steps: int | None, progress: bool, nan_hook: tuple[int, str] | None,
+              monitor: MonitorData | None) -> TrainResult:
+    """The loop, phase by phase: set up, resume, place, then step / read losses / log / monitor /
+    checkpoint until ``stop_at``, and finish (final.pt and the DVC files)."""
+    run = _setup(params, method, variant, images, out_dir, on_log, dev, max_steps, nan_hook, monitor)
+    _resume(run)
+    _place(run, images)
+    shown = _Progress(run, progress)
+    run.window_t0 = time.perf_counter()
+    try:
+        while run.step < run.stop_at:
+            _train_step(run)
+            shown.update()
+            step, ssl = run.step, params.ssl
+            at_log = step % ssl.log_every == 0 or step == run.total_steps
+            at_epoch = step % run.steps_per_epoch == 0
+            at_ckpt = step % ssl.checkpoint_every == 0 or step == run.stop_at
+            if at_log or at_ckpt or at_epoch or run.log.full:
+                _read_losses(run)                 # the NaN guard: before anything is logged or saved
+            if at_log:
+                _log(run, shown)
+            if at_epoch:
+                knn = _off_the_clock(run, _monitor, run) if _monitor_due(run) else {}
+                shown.epoch_done(run, knn)
+            if at_ckpt:
+                _off_the_clock(run, _save_checkpoint, run)
+    finally:
+        shown.close()
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """What the phases of one run share: the request, the built objects and the loop's counters."""
+    params: Params
+    method: str
+    variant: str
+    out_dir: Path
+    dev: torch.device
+    on_log: Callable[[int, dict[str, float]], None] | None
+    rank: int
+    world: int
+    phash: str
+    steps_per_epoch: int
+    total_steps: int
+    stop_at: int                      # total_steps, or max_steps when stopping early
+    amp_dtype: torch.dtype | None
+    model: PretrainModel
+    backbone: nn.Module
+    arch: dict                        # the architecture keys of final.pt
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    log: _LossLog
+    monitor: KnnMonitor | None
+    nan_hook: tuple[int, str] | None
+    runner: nn.Module | None = None   # the model as the forward sees it (DDP / compiled); set by _place
+    data: torch.Tensor | None = None  # the images on the training device
+    augment: BatchAugment | None = None
+    perm: torch.Tensor | None = None  # this epoch's order of the images
+    perm_epoch: int = -1
+    step: int = 0                     # global steps done
+    start: int = 0                    # the step this process started from (resumed_from)
+    wall: float = 0.0                 # training seconds (checkpoint writes and the monitor excluded)
+    images_seen: int = 0
+    monitor_s: float = 0.0            # seconds spent in the kNN monitor
+    window_t0: float = 0.0
+    window_images: int = 0
+    monitor_rows: list[dict] = field(default_factory=list)   # monitor.csv rows so far
+    timing_rows: list[dict] = field(default_factory=list)    # timing.csv rows so far
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+
+def _setup(params: Params, method: str, variant: str, images: np.ndarray, out_dir: Path, on_log,
+           dev: torch.device, max_steps: int | None, nan_hook: tuple[int, str] | None,
+           monitor: MonitorData | None) -> _Run:
+    """Sizes of the schedule, the model (seeded initialisation), optimiser, scaler and loss log."""
     ssl = params.ssl
     rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
-    lam = params.lambda_for(variant)
     phash = training_hash(params, method, variant)
     if ssl.threads > 0:
         torch.set_num_threads(ssl.threads)
-
-    n, size = images.shape[0], images.shape[1]
-    global_batch, local_batch = ssl.batch_size, ssl.batch_size // world
-    steps_per_epoch = n // global_batch
+    steps_per_epoch = images.shape[0] // ssl.batch_size
     total_steps = ssl.epochs * steps_per_epoch
     stop_at = total_steps if max_steps is None else min(total_steps, max(0, int(max_steps)))
-    amp_dtype = resolve_amp(ssl.amp, dev)
-    ckpt_path = out_dir / CHECKPOINT
-    if main:
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Model: identical initialisation on every rank (DDP also broadcasts it).
-    torch.manual_seed(params.seed)
-    model, backbone, arch = build_pretrain_model(params, method, variant, size)
+    torch.manual_seed(params.seed)            # identical initialisation on every rank (DDP also broadcasts it)
+    model, backbone, arch = build_pretrain_model(params, method, variant, images.shape[1])
     model.to(dev)
     if ssl.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(params, model, steps_per_epoch, total_steps)
+    amp_dtype = resolve_amp(ssl.amp, dev)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     log = _LossLog(model.term_names, ssl.log_every, dev)
     if nan_hook is not None and nan_hook[1] not in model.term_names:
         raise ValueError(f"inject_nan: unknown term {nan_hook[1]!r}; this run has {', '.join(model.term_names)}")
+    knn = (KnnMonitor(monitor, params.augment.mean, params.augment.std, params.eval.batch_size, dev)
+           if monitor is not None and ssl.monitor_every > 0 else None)
+    return _Run(params, method, variant, out_dir, dev, on_log, rank, world, phash, steps_per_epoch, total_steps,
+                stop_at, amp_dtype, model, backbone, arch, optimizer, scheduler, scaler, log, knn, nan_hook)
 
-    # Resume?
-    start, wall, images_seen = 0, 0.0, 0
-    state = _read_checkpoint(ckpt_path, phash, world)
-    if state is not None:
-        model.method.load_state_dict(state["model"])
-        if model.head is not None:
-            model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        log.load(state["log"])
-        start, wall, images_seen = state["step"], state["wall_time_s"], state["images_seen"]
-        rng = state["rng"][rank] if rank < len(state["rng"]) else None
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if dev.type == "cuda" and rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(rng["cuda"], dev)
-        if main:                                      # drop log rows past the checkpoint
-            _write_csv(out_dir / LOSSES, log.rows)
-        if start >= total_steps:
-            _say(f"{ckpt_path} is finished ({start}/{total_steps} steps): rewriting the outputs only")
-        else:
-            _say(f"resuming from {ckpt_path} at step {start}/{total_steps} (epoch {start // steps_per_epoch})")
+
+def _resume(run: _Run) -> None:
+    """Continue from a matching checkpoint.pt (state, RNG, histories), or start fresh (new RNG stream)."""
+    state = _read_checkpoint(run.ckpt_path, run.phash, run.world)
+    if state is None:
+        torch.manual_seed(_derive_seed(run.params.seed, 1 + run.rank))      # per-rank stream for the methods
+        if run.main:
+            for stale in (FINAL, METRICS, TIMING, LOSSES, TIMING_CSV, MONITOR):
+                (run.out_dir / stale).unlink(missing_ok=True)
+        return
+    run.model.method.load_state_dict(state["model"])
+    if run.model.head is not None:
+        run.model.head.load_state_dict(state["head"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.log.load(state["log"])
+    run.start = run.step = state["step"]
+    run.wall, run.images_seen, run.monitor_s = state["wall_time_s"], state["images_seen"], state["monitor_s"]
+    run.monitor_rows, run.timing_rows = list(state["monitor"]), list(state["timing"])
+    rng = state["rng"][run.rank] if run.rank < len(state["rng"]) else None
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if run.dev.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], run.dev)
+    if run.main:                                  # drop rows logged after the checkpoint
+        for name, rows in ((LOSSES, run.log.rows), (TIMING_CSV, run.timing_rows), (MONITOR, run.monitor_rows)):
+            ckpt_io.write_csv(run.out_dir / name, rows)
+    if run.step >= run.total_steps:
+        _say(f"{run.ckpt_path} is finished ({run.step}/{run.total_steps} steps): rewriting the outputs only")
     else:
-        torch.manual_seed(_derive_seed(params.seed, 1 + rank))      # per-rank stream for the methods
-        if main:
-            for stale in (FINAL, METRICS, TIMING, LOSSES):
-                (out_dir / stale).unlink(missing_ok=True)
+        _say(f"resuming from {run.ckpt_path} at step {run.step}/{run.total_steps} "
+             f"(epoch {run.step // run.steps_per_epoch})")
 
-    # Distribution and compilation wrap the model for the forward; state is saved from `model`.
-    runner: nn.Module = model
-    if world > 1:
-        if dev.type == "cuda":
+
+def _place(run: _Run, images: np.ndarray) -> None:
+    """Wrap the model for the forward (DDP, SyncBatchNorm, compile; state is saved from ``run.model``)
+    and put the images on the training device, once."""
+    runner: nn.Module = run.model
+    if run.world > 1:
+        if run.dev.type == "cuda":
             runner = nn.SyncBatchNorm.convert_sync_batchnorm(runner)
         else:
             _say("gloo on CPU: SyncBatchNorm has no CPU kernel, BatchNorm statistics stay per rank")
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if ssl.compile:
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
+    if run.params.ssl.compile:
         runner = torch.compile(runner)
-
-    def save_checkpoint(step: int) -> None:
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
-        rngs = [None] * world
-        if world > 1:
-            torch_dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if not main:
-            return
-        ckpt_io.save_atomic({
-            "version": _CKPT_VERSION, "params_hash": phash, "world_size": world,
-            "method": method, "variant": variant, "lambda": lam,
-            "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
-            "model": model.method.state_dict(),
-            "head": model.head.state_dict() if model.head is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rngs, "log": log.state(), "wall_time_s": wall, "images_seen": images_seen,
-        }, ckpt_path)
-
-    # Data on the training device, once.
+    run.runner = runner
     data = torch.from_numpy(images)
-    if dev.type == "cuda":
+    if run.dev.type == "cuda":
         data = data.pin_memory()
-    data = data.to(dev, non_blocking=True)
-    augment = BatchAugment(params.augment, size)
-    nan_term = model.term_names.index(nan_hook[1]) if nan_hook else None
+    run.data = data.to(run.dev, non_blocking=True)
+    run.augment = BatchAugment(run.params.augment, images.shape[1])
+    run.model.train()
 
-    model.train()
-    bar = _progress_bar(total_steps, start, progress, f"{method}-{variant}")
-    step, perm_epoch, perm = start, -1, None
-    window_t0, window_images = time.perf_counter(), 0
+
+def _train_step(run: _Run) -> None:
+    """This rank's slice of the next global batch, two views from the step's generator, one update."""
+    seed, ssl = run.params.seed, run.params.ssl
+    epoch, i = divmod(run.step, run.steps_per_epoch)
+    if epoch != run.perm_epoch:
+        n = run.data.shape[0]
+        run.perm = _epoch_permutation(seed, epoch, n)[: run.steps_per_epoch * ssl.batch_size].to(run.dev)
+        run.perm_epoch = epoch
+    local_batch = ssl.batch_size // run.world
+    lo = i * ssl.batch_size + run.rank * local_batch
+    x = run.data[run.perm[lo: lo + local_batch]]
+    gen = view_generator(seed, epoch, run.step, "cpu", run.rank)
+    v1, w1 = run.augment(x, gen)
+    v2, w2 = run.augment(x, gen)
+    if not ssl.channels_last:                      # BatchAugment returns channels-last memory
+        v1, v2 = v1.contiguous(), v2.contiguous()
+    run.step += 1
+    nan_term = (run.model.term_names.index(run.nan_hook[1])
+                if run.nan_hook is not None and run.nan_hook[0] == run.step else None)
+    terms = train_step(run.runner, run.optimizer, run.scheduler, run.scaler, v1, v2, w1, w2, run.amp_dtype, nan_term)
+    run.model.method.on_step_end(run.step / run.total_steps)
+    run.log.push(terms, run.step, epoch)
+    run.window_images += ssl.batch_size
+
+
+def _read_losses(run: _Run) -> None:
+    """Read the buffered loss terms back; a non-finite one stops the run naming the last good checkpoint."""
     try:
-        while step < stop_at:
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                perm = _epoch_permutation(params.seed, epoch, n)[: steps_per_epoch * global_batch].to(dev)
-                perm_epoch = epoch
-            lo = i * global_batch + rank * local_batch
-            x = data[perm[lo: lo + local_batch]]
-            gen = view_generator(params.seed, epoch, step, "cpu", rank)
-            v1, w1 = augment(x, gen)
-            v2, w2 = augment(x, gen)
-            if not ssl.channels_last:                      # BatchAugment returns channels-last memory
-                v1, v2 = v1.contiguous(), v2.contiguous()
-            step += 1
-            terms = train_step(runner, optimizer, scheduler, scaler, v1, v2, w1, w2, amp_dtype,
-                               nan_term if nan_hook and nan_hook[0] == step else None)
-            model.method.on_step_end(step / total_steps)
-            log.push(terms, step, epoch)
-            window_images += global_batch
-            bar.update(1)
+        run.log.flush()
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(e.step, e.term, e.value,
+                                 run.ckpt_path if run.ckpt_path.exists() else None) from None
 
-            at_log = step % ssl.log_every == 0 or step == total_steps
-            at_ckpt = step % ssl.checkpoint_every == 0 or step == stop_at
-            if at_log or at_ckpt or log.full:
-                try:
-                    log.flush()
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(e.step, e.term, e.value,
-                                             ckpt_path if ckpt_path.exists() else None) from None
-            if at_log:
-                now = time.perf_counter()
-                wall += now - window_t0
-                images_seen += window_images
-                metrics = log.take_window()
-                metrics["pretrain/lr"] = float(optimizer.param_groups[0]["lr"])
-                metrics["pretrain/images_per_s"] = window_images / max(now - window_t0, 1e-9)
-                if main:
-                    row = {"step": step, "epoch": (step - 1) // steps_per_epoch, **metrics}
-                    log.rows.append(row)
-                    _append_csv(out_dir / LOSSES, row)
-                    bar.set_postfix(loss=f"{metrics['pretrain/loss_total']:.4f}",
-                                    img_s=f"{metrics['pretrain/images_per_s']:.0f}")
-                    if on_log is not None:
-                        on_log(step, metrics)
-                window_images = 0
-                window_t0 = time.perf_counter()
-            if at_ckpt:
-                t0 = time.perf_counter()
-                save_checkpoint(step)
-                window_t0 += time.perf_counter() - t0          # checkpoint I/O is not training time
+
+def _log(run: _Run, shown: _Progress) -> None:
+    """One log point: losses.csv row (deterministic), timing.csv row (speed), progress bar, ``on_log``."""
+    now = time.perf_counter()
+    run.wall += now - run.window_t0
+    run.images_seen += run.window_images
+    metrics = run.log.take_window()
+    metrics["pretrain/lr"] = float(run.optimizer.param_groups[0]["lr"])
+    speed = run.window_images / max(now - run.window_t0, 1e-9)
+    if run.main:
+        row = {"step": run.step, "epoch": (run.step - 1) // run.steps_per_epoch, **metrics}
+        run.log.rows.append(row)
+        _append_csv(run.out_dir / LOSSES, row)
+        timing = {"step": run.step, "pretrain/images_per_s": speed, "pretrain/wall_time_s": run.wall}
+        run.timing_rows.append(timing)
+        _append_csv(run.out_dir / TIMING_CSV, timing)
+        shown.postfix(metrics["pretrain/loss_total"], speed)
+        if run.on_log is not None:
+            run.on_log(run.step, {**metrics, "pretrain/images_per_s": speed})
+    run.window_images = 0
+    run.window_t0 = time.perf_counter()
+
+
+def _monitor_due(run: _Run) -> bool:
+    """At the end of every ``ssl.monitor_every``-th epoch, and of the last one (the final model)."""
+    return run.monitor is not None and (
+        (run.step // run.steps_per_epoch) % run.params.ssl.monitor_every == 0 or run.step == run.total_steps)
+
+
+def _monitor(run: _Run) -> dict[str, float]:
+    """kNN monitor of the frozen backbone (rank 0; draws no randomness): monitor.csv row and ``on_log``."""
+    if not run.main:
+        return {}
+    t0 = time.perf_counter()
+    metrics = run.monitor.evaluate(run.backbone)
+    run.monitor_s += time.perf_counter() - t0
+    run.monitor_rows.append({"step": run.step, "epoch": (run.step - 1) // run.steps_per_epoch, **metrics})
+    ckpt_io.write_csv(run.out_dir / MONITOR, run.monitor_rows)
+    if run.on_log is not None:
+        run.on_log(run.step, metrics)
+    return metrics
+
+
+def _off_the_clock(run: _Run, phase: Callable, *args):
+    """Run ``phase`` without counting its time as training time (images/s measures the steps only)."""
+    t0 = time.perf_counter()
+    try:
+        return phase(*args)
     finally:
-        bar.close()
+        run.window_t0 += time.perf_counter() - t0
 
-    finished = step >= total_steps
-    last_epoch = max(log.epochs) if log.epochs else None
-    metrics = log.epoch_means(last_epoch) if last_epoch is not None else {}
-    metrics.update({"pretrain/images_per_s": images_seen / wall if wall > 0 else 0.0,
-                    "pretrain/wall_time_s": wall, "pretrain/steps": float(step),
-                    "pretrain/epochs": float(step / steps_per_epoch)})
-    result = TrainResult(out_dir=out_dir, step=step, total_steps=total_steps, finished=finished,
-                         resumed_from=start, params_hash=phash, metrics=metrics,
-                         checkpoint=ckpt_path if ckpt_path.exists() else None)
-    if finished and main:
-        final = {"backbone": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()},
-                 **arch, "method": method, "variant": variant, "lambda": lam,
-                 "mean": list(params.augment.mean), "std": list(params.augment.std), "params_hash": phash}
-        result.final = ckpt_io.save_atomic(final, out_dir / FINAL)
-        # metrics.json is a DVC metrics file and must be bit-identical across runs with the same seed:
-        # the speed figures go to timing.json (and to MLflow through the returned metrics).
-        _write_json(out_dir / METRICS, {k: v for k, v in metrics.items() if k not in TIMING_KEYS})
-        _write_json(out_dir / TIMING, {k: v for k, v in metrics.items() if k in TIMING_KEYS})
-        _write_csv(out_dir / LOSSES, log.rows)
+
+def _save_checkpoint(run: _Run) -> None:
+    """checkpoint.pt (atomic, rank 0) with the RNG states of every rank and the histories of the files."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    rngs = [None] * run.world
+    if run.world > 1:
+        torch_dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if not run.main:
+        return
+    model = run.model
+    ckpt_io.save_atomic({
+        "version": _CKPT_VERSION, "params_hash": run.phash, "world_size": run.world,
+        "method": run.method, "variant": run.variant, "lambda": model.lam,
+        "step": run.step, "epoch": run.step // run.steps_per_epoch, "total_steps": run.total_steps,
+        "model": model.method.state_dict(),
+        "head": model.head.state_dict() if model.head is not None else None,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rngs, "log": run.log.state(), "wall_time_s": run.wall, "images_seen": run.images_seen,
+        "monitor": run.monitor_rows, "timing": run.timing_rows, "monitor_s": run.monitor_s,
+    }, run.ckpt_path)
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The result; once the schedule is complete, final.pt and the DVC files (rank 0)."""
+    finished = run.step >= run.total_steps
+    last_epoch = max(run.log.epochs) if run.log.epochs else None
+    metrics = run.log.epoch_means(last_epoch) if last_epoch is not None else {}
+    metrics.update({"pretrain/images_per_s": run.images_seen / run.wall if run.wall > 0 else 0.0,
+                    "pretrain/wall_time_s": run.wall, "pretrain/steps": float(run.step),
+                    "pretrain/epochs": float(run.step / run.steps_per_epoch)})
+    if run.monitor is not None:
+        metrics["pretrain/monitor_s"] = run.monitor_s
+    ckpt = run.ckpt_path if run.ckpt_path.exists() else None
+    result = TrainResult(out_dir=run.out_dir, step=run.step, total_steps=run.total_steps, finished=finished,
+                         resumed_from=run.start, params_hash=run.phash, metrics=metrics, checkpoint=ckpt)
+    if finished and run.main:
+        p = run.params
+        final = {"backbone": {k: v.detach().cpu().clone() for k, v in run.backbone.state_dict().items()},
+                 **run.arch, "method": run.method, "variant": run.variant, "lambda": run.model.lam,
+                 "mean": list(p.augment.mean), "std": list(p.augment.std), "params_hash": run.phash}
+        result.final = ckpt_io.save_atomic(final, run.out_dir / FINAL)
+        # metrics.json, losses.csv and monitor.csv are DVC files committed to git and must be
+        # bit-identical across runs with the same seed: the speed figures go to timing.json and
+        # timing.csv (DVC-cached, not in git) and to MLflow through the returned metrics.
+        ckpt_io.write_json(run.out_dir / METRICS, {k: v for k, v in metrics.items() if k not in TIMING_KEYS})
+        ckpt_io.write_json(run.out_dir / TIMING, {k: v for k, v in metrics.items() if k in TIMING_KEYS})
+        ckpt_io.write_csv(run.out_dir / LOSSES, run.log.rows)
+        ckpt_io.write_csv(run.out_dir / TIMING_CSV, run.timing_rows)
+        ckpt_io.write_csv(run.out_dir / MONITOR, run.monitor_rows, header=["step", "epoch"])   # a DVC out: always
     return result
 
 

@@ -9,6 +9,7 @@ File layout (docs/architecture.md):
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,6 +35,11 @@ def parse_model(params: Params, model: str) -> tuple[str, str]:
     check_choice("model (<method>-<variant>) method", method, params.ssl.methods)
     check_choice("model (<method>-<variant>) variant", variant, VARIANTS)
     return method, variant
+
+
+def _said(stage: str, what: str, t0: float) -> None:
+    """One progress line on stderr: what a stage fitted and how long it took (stdout has the tables)."""
+    print(f"[{stage}] {what}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _load_split(params: Params, name: str, split: str):
@@ -65,16 +71,32 @@ def check_fewshot_feasible(params: Params) -> None:
 
 
 # -- pretraining --------------------------------------------------------------------------------
+def monitor_data(params: Params):
+    """The kNN monitor's labelled images (:mod:`pipeline.monitor`): fixed subsets of the pretraining
+    dataset's train and test splits, with every task listed for it under ``data.datasets``; None when
+    ``ssl.monitor_every`` is 0 or the dataset lists no tasks."""
+    from pipeline.monitor import MonitorData
+
+    name = params.data.pretrain
+    tasks = params.data.datasets[name].tasks
+    if params.ssl.monitor_every == 0 or not tasks:
+        return None
+    return MonitorData.from_splits(_load_split(params, name, "train"), _load_split(params, name, "test"), tasks,
+                                   seed=params.data.seed)
+
+
 def run_pretraining(params: Params, method: str, variant: str, models_dir: Path, track: bool = True,
                     device: str | None = None, max_steps: int | None = None) -> dict:
-    from pipeline.train import checkpoint_resumable, pretrain
+    from pipeline.train import check_request, checkpoint_resumable, pretrain
 
+    check_request(params, method, variant)
     out_dir = Path(models_dir) / f"{method}-{variant}"
     out_dir.mkdir(parents=True, exist_ok=True)
     check_fewshot_feasible(params)
     from pipeline.data import pretrain_images
 
     images = pretrain_images(params.data.prepared, params.data.pretrain)
+    monitor = monitor_data(params)
 
     tracker = Tracker(params, enabled=params.tracking.enabled and track)
     resuming = checkpoint_resumable(params, method, variant, out_dir)
@@ -88,7 +110,7 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
     try:
         result = pretrain(params, method, variant, images, out_dir, on_log=on_log,
-                          device=device or default_device(), max_steps=max_steps)
+                          device=device or default_device(), max_steps=max_steps, monitor=monitor)
     except BaseException:
         tracker.end_run(run_id, status="FAILED")
         raise
@@ -99,6 +121,7 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     # logged during training instead of appearing as a point at step 0.
     tracker.log_metrics(run_id, metrics, step=result.step)
     tracker.log_artifact(run_id, out_dir / "losses.csv")
+    tracker.log_artifact(run_id, out_dir / "monitor.csv")         # absent (skipped) when the monitor is off
     tracker.set_tags(run_id, {"checkpoint": str((out_dir / "final.pt").resolve())})
     tracker.end_run(run_id)
     info = {k: v for k, v in run_tags(params, method, variant).items() if not k.startswith("mlflow.")}
@@ -148,7 +171,7 @@ def run_features(params: Params, model: str, models_dir: Path, features_dir: Pat
     for name, entry in params.data.datasets.items():
         if not entry.tasks:
             continue
-        arrays = {}
+        arrays, t0 = {}, time.perf_counter()
         for split in ("train", "test"):
             data = _load_split(params, name, split)
             arrays[f"{split}_x"] = extract_features(backbone, data.images, meta["mean"], meta["std"],
@@ -159,6 +182,7 @@ def run_features(params: Params, model: str, models_dir: Path, features_dir: Pat
         np.savez(tmp, **arrays)
         tmp.replace(out_dir / f"{name}.npz")
         print(f"{model}: features of {name}: train {arrays['train_x'].shape}, test {arrays['test_x'].shape}")
+        _said("features", f"{model}: {len(arrays['train_x']) + len(arrays['test_x'])} images of {name} on {device}", t0)
 
 
 def _features(params: Params, features_dir: Path, model: str) -> Iterator[tuple[str, str, dict]]:
@@ -180,12 +204,15 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
     parse_model(params, model)
     metrics, rows = {}, []
     for name, task, a in _features(params, features_dir, model):
+        t0 = time.perf_counter()
         res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
                            seed=params.seed, class_average=name in params.eval.linear.class_average,
                            device=default_device())
         # The reported number: top-1, or mean per-class accuracy for eval.linear.class_average datasets.
         metrics[f"linear/{name}/{task}/top1"] = float(res["acc"])
         print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
+        _said("linear", f"{model}: {params.eval.linear.wd_steps} L2 weights + refit on {name}/{task} "
+                        f"({len(a['train_x'])} train x {a['train_x'].shape[1]} features)", t0)
     write_json(Path(metrics_dir) / model / "linear.json", metrics)
     _log_to_model_run(params, models_dir, model, metrics)
     return metrics
@@ -199,12 +226,15 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
     fs = params.eval.fewshot
     metrics, rows = {}, []
     for name, task, a in _features(params, features_dir, model):
+        t0 = time.perf_counter()
         res = fewshot_eval(a["test_x"], a[f"test_{task}"], fs.ways, fs.shots, fs.queries, fs.episodes,
                            seed=params.seed, device=default_device())
         for key, r in res.items():
             metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
             metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
         print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
+        _said("fewshot", f"{model}: {fs.episodes} episodes x {len(fs.shots)} shot settings of {fs.ways}-way "
+                         f"logistic regression on {name}/{task}", t0)
     write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
     _log_to_model_run(params, models_dir, model, metrics)
     return metrics
@@ -228,6 +258,7 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
     backbone, meta = _load_model(params, models_dir, model, device)
     images = _load_split(params, params.data.pretrain, "test").images
     augment = BatchAugment(params.augment, meta["image_size"])
+    t0 = time.perf_counter()
     res = augmentation_probe(backbone, images, augment, probe_augmentations(params), params.eval.probe,
                              seed=params.seed, batch_size=params.eval.batch_size, device=device)
     metrics = {}
@@ -238,6 +269,8 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
     write_json(Path(metrics_dir) / model / "probe.json", metrics)
     _log_to_model_run(params, models_dir, model, metrics)
     print(format_probe_result(res, title=f"{model}: augmentation probe"))
+    _said("probe", f"{model}: ridge maps to {', '.join(probe_augmentations(params))} from "
+                   f"{params.eval.probe.images} view pairs of {params.data.pretrain}", t0)
     return metrics
 
 

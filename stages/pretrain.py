@@ -6,15 +6,12 @@ Runs alone or under ``torchrun --nproc_per_node=N`` (DDP); only rank 0 writes fi
 from pathlib import Path
 
 from pipeline.cli import is_main_process, stage
-from pipeline.config import check_choice
-from pipeline.params import VARIANTS
 from pipeline.workflow import run_pretraining
 
 
 @stage("Pretrain one model (method × variant).", positional=("method", "variant"))
 def main(params, args):
-    check_choice("ssl.methods", args.method, params.ssl.methods)
-    check_choice("variant", args.variant, VARIANTS)
+    # run_pretraining checks method and variant (pipeline.train.check_request) before any work.
     run_pretraining(params, args.method, args.variant, Path("models"), track=is_main_process())
 
 

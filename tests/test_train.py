@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -291,6 +292,28 @@ def test_bad_inputs_are_refused_before_compute(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"ssl.batch_size: 16 .*world size 3"):
         pretrain(params, "simclr", "baseline", tiny_images(), tmp_path, device="cpu")
     assert not torch.distributed.is_initialized() and not any(tmp_path.iterdir())
+
+
+def test_request_is_checked_once_against_ssl_methods(tmp_path):
+    params = tiny_params(methods=["simclr"])
+    with pytest.raises(ConfigError, match=r"ssl.methods: unknown value 'byol'; allowed values: simclr"):
+        pretrain(params, "byol", "baseline", tiny_images(), tmp_path, device="cpu")
+    with pytest.raises(ConfigError, match=r"variant: unknown value 'cassle'"):
+        pretrain(params, "simclr", "cassle", tiny_images(), tmp_path, device="cpu")
+    assert not any(tmp_path.iterdir())
+
+
+def test_progress_off_a_terminal_is_one_line_per_epoch(tmp_path, capsys):
+    """Under a pipe (pytest captures stderr: not a tty) the bar is silent and each epoch prints one line."""
+    pretrain(tiny_params(epochs=2), "simclr", "augself", tiny_images(), tmp_path, device="cpu", progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if " epoch " in ln]
+    assert len(lines) == 2, lines
+    for epoch, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"\[pretrain\] simclr-augself epoch {epoch}/2  ssl \d+\.\d{{4}}  augself/crop \S+  "
+                            rf"augself/color \S+  total \S+  \d+ img/s  elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d", line), line
+    assert lines[-1].endswith("ETA 0:00:00")
+    pretrain(tiny_params(epochs=2), "simclr", "augself", tiny_images(), tmp_path / "quiet", device="cpu", progress=False)
+    assert " epoch " not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- DDP

@@ -161,6 +161,13 @@ def _draw_figures(runs, summary, curves, specs, ref_lambda, out_dir, notes) -> l
             figures.append(_saved(fig, out_dir, "loss_curves", "Pretraining losses",
                                   "Columns: methods; rows: loss terms (AugSelf terms unweighted, total = SSL + "
                                   "λ·Σ AugSelf); lines: mean over seeds, band: ± std."))
+        fig, monitor_notes = _plots.monitor_figure(runs, curves, "kNN monitor during pretraining")
+        notes.extend(monitor_notes)
+        if fig is not None:
+            figures.append(_saved(fig, out_dir, "monitor_curves", "kNN monitor during pretraining",
+                                  "Top-1 of the frozen backbone on a fixed subset of the pretraining dataset's "
+                                  "tasks (weighted kNN, k = 200, T = 0.1: solid; 1-NN: dotted), every "
+                                  "ssl.monitor_every epochs; lines: mean over seeds, band: ± std."))
     return figures
 
 

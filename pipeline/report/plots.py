@@ -280,3 +280,57 @@ def loss_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title: s
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
                title="mean over seeds, band ± std where ≥ 2 seeds")
     return fig, notes
+
+
+def monitor_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title: str) -> tuple[Figure | None, list[str]]:
+    """The kNN monitor during pretraining (:mod:`pipeline.monitor`): rows: tasks; columns: methods.
+
+    One colour per (variant, λ) as in the loss curves; solid: weighted kNN top-1, dotted: 1-NN top-1;
+    mean over seeds with a ±std band (≥ 2 seeds).  The x axis is the optimiser step (monitor points
+    sit at epoch ends).  Reads the ``monitor/<task>/{knn_top1,nn1_top1}`` columns of the runs' curves
+    (monitor.csv or the MLflow metric history); (None, notes) when no run has them.
+    """
+    per_run = {run["run_id"]: c for _, run in runs.iterrows()
+               if (c := find_curve(curves, run)) is not None and any(k.startswith("monitor/") for k in c.columns)}
+    if not per_run:
+        return None, ["kNN monitor: no run has monitor/* curves (ssl.monitor_every: 0, or older runs); plot skipped"]
+    tasks = sorted({k.split("/")[1] for c in per_run.values() for k in c.columns if k.startswith("monitor/")})
+    methods = method_order(runs["method"])
+    configs = list(dict.fromkeys(zip(runs["variant"], runs["lambda"])))
+    aug_lams = sorted(lam for v, lam in configs if v == "augself")
+    colour = {("baseline", 0.0): BASELINE_COLOUR}
+    colour.update({("augself", lam): AUGSELF_COLOURS[i % len(AUGSELF_COLOURS)] for i, lam in enumerate(aug_lams)})
+    fig = Figure(figsize=(3.9 * len(methods), 2.6 * len(tasks) + 1.0), layout="constrained")
+    axes = fig.subplots(len(tasks), len(methods), squeeze=False, sharex="col")
+    fig.suptitle(title, fontweight="bold")
+    for col, method in enumerate(methods):
+        for row, task in enumerate(tasks):
+            ax = axes[row][col]
+            for config in [c for c in colour if c in configs]:
+                ids = runs.loc[(runs["method"] == method) & (runs["variant"] == config[0])
+                               & (runs["lambda"] == config[1]), "run_id"]
+                for metric, style in (("knn_top1", "-"), ("nn1_top1", ":")):
+                    key = f"monitor/{task}/{metric}"
+                    frames = [per_run[i][["step", key]].dropna() for i in ids if i in per_run and key in per_run[i]]
+                    frames = [f for f in frames if not f.empty]
+                    if not frames:
+                        continue
+                    stats = pd.concat(frames).groupby("step")[key].agg(["mean", "std", "count"]).sort_index()
+                    ax.plot(stats.index, stats["mean"], color=colour[config], linestyle=style, marker=".", linewidth=1.4)
+                    band = stats[stats["count"] >= 2]
+                    if not band.empty:
+                        ax.fill_between(band.index, band["mean"] - band["std"], band["mean"] + band["std"],
+                                        color=colour[config], alpha=0.2, linewidth=0)
+            ax.set_title(f"{method}: {task}")
+            if col == 0:
+                ax.set_ylabel("top-1 (%)")
+            if row == len(tasks) - 1:
+                ax.set_xlabel("optimiser step")
+                ax.tick_params(labelbottom=True)
+    handles = [Line2D([], [], color=colour[c], label="baseline (λ = 0)" if c[0] == "baseline"
+                      else f"AugSelf λ = {lambda_label(c[1])}") for c in colour if c in configs]
+    handles += [Line2D([], [], color="#555555", linestyle="-", label="weighted kNN (k = 200)"),
+                Line2D([], [], color="#555555", linestyle=":", label="1-NN")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
+               title="frozen backbone on a fixed subset; mean over seeds, band ± std where ≥ 2 seeds")
+    return fig, []
