@@ -22,7 +22,10 @@ optional rotation and solarize ops (p 0.5 each) to ours, to show what they cost.
 
 Timing: ours and kornia (and ours+rot+sol) are interleaved round by round (``--rounds``, median
 over rounds), so a load burst on a shared machine hits them alike; the PIL DataLoader is timed on
-its own with its prefetch queue drained first (``bench_pretrain._timed_pil``).  Images are random
+its own with its prefetch queue drained first (``bench_pretrain._timed_pil``).  On a machine shared
+with other jobs, ``--clock cpu`` counts the CPU seconds of this process instead of wall time (the
+PIL feed then runs in-process, ``--workers 0``): the ratios are then a measure of work, independent
+of the load.  Images are random
 uint8 noise (augmentation cost does not depend on content).  Reported: source images per second
 (each gives two views) and the speed-ups of ours over kornia and over PIL.
 
@@ -47,9 +50,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import bench.bench_pretrain as bench_pretrain  # noqa: E402
 from bench.bench_pretrain import _pil_loader, _sync, _timed_pil  # noqa: E402
 from pipeline.augment import BatchAugment, blur_kernel_size, view_generator  # noqa: E402
 from pipeline.params import AugmentParams, Params  # noqa: E402
+
+_clock = time.perf_counter          # --clock cpu: time.process_time (CPU seconds of this process)
 
 PIPELINE = dict(flip_p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8,
                 grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
@@ -84,12 +90,12 @@ def _interleaved(fns: dict, rounds: int, steps: int, dev: torch.device) -> dict[
     for _ in range(rounds):
         for name, fn in fns.items():
             _sync(dev)
-            t0 = time.perf_counter()
+            t0 = _clock()
             for _ in range(steps):
                 fn(i)
                 i += 1
             _sync(dev)
-            times[name].append((time.perf_counter() - t0) / steps)
+            times[name].append((_clock() - t0) / steps)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -149,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-kornia", action="store_true", help="skip kornia (when it is not installed)")
     ap.add_argument("--no-pil", action="store_true", help="skip the PIL DataLoader feed")
     ap.add_argument("--out", help="JSON path (default bench/results/augment-<device>.json)")
+    ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. how loaded the machine was)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: count CPU seconds of this process instead of wall time, for a machine shared with "
+                         "other jobs; the PIL feed then runs in-process (--workers 0) so that its work counts")
     args = ap.parse_args(argv)
+    global _clock
+    if args.clock == "cpu":
+        _clock = bench_pretrain._clock = time.process_time
+        args.workers = 0
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available here")
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"# bench_augment: {device_name}, torch {torch.__version__}, kornia {kornia_version}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.rounds} rounds x {args.steps} "
-          f"batches, PIL workers {args.workers}; load average {load_start}", flush=True)
+          f"batches, PIL workers {args.workers}, {args.clock} clock; load average {load_start}", flush=True)
     rows = [measure(s, args, dev) for s in sizes]
 
     names = ["ours", "ours+rot+sol", "kornia", "pil"]
@@ -186,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
               "kornia": kornia_version, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "load_average_start": load_start,
               "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+              "clock": args.clock, "note": args.note,
               "config": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
                          "workers": args.workers, "images": max(args.images, 2 * args.batch_size),
                          "pipeline": PIPELINE},

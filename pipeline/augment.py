@@ -9,8 +9,9 @@ no Python loop over the images, and no host synchronisation when the generator l
 Why written here and not taken from kornia (the library the official code uses for its batch-side
 ops, and which also returns the sampled parameters): on the CPU, for the same pipeline (crop, flip,
 jitter p 0.8, grayscale p 0.2, blur p 0.5, normalise; batch 256, 2 threads), kornia 0.9's
-``AugmentationSequential`` is slower than this module (``bench/bench_augment.py``; an earlier
-measure: ours 2.8× faster at 32 px and 2.5× at 96 px), and it does not give per-sample torchvision-exact colour ops nor views reproducible from
+``AugmentationSequential`` does 2.8× the work of this module at 32 px and 2.5× at 96 px
+(``bench/bench_augment.py --clock cpu``, CPU seconds per batch of two views, 1 thread, measured on
+a shared 2-core VM; ``bench/results/augment-cpu-cpuclock.json``), and it does not give per-sample torchvision-exact colour ops nor views reproducible from
 ``(seed, epoch, step)`` on any device.
 
 A pipeline of small ops

@@ -379,11 +379,13 @@ def test_probabilities_are_respected():
 
 def test_sampled_decisions_survive_the_packed_device_transfer():
     from pipeline.augment import _pack, _unpack
-    s = BatchAugment(AugmentParams(blur_p=0.5), S).sample(7, H, W, gen(0))
-    back = _unpack(_pack(s), s["order"], s)
-    assert list(back) == list(s)
-    for k in s:
-        assert back[k].dtype == s[k].dtype and torch.equal(back[k], s[k]), k
+    for p in (AugmentParams(blur_p=0.5), AugmentParams(blur_p=0.5, rotation_p=0.5, solarize_p=0.5)):
+        s = BatchAugment(p, S).sample(7, H, W, gen(0))
+        back = _unpack(_pack(s), s["order"], s)
+        assert list(back) == list(s)
+        for k in s:
+            assert back[k].dtype == s[k].dtype and torch.equal(back[k], s[k]), k
+    assert {"rotation_k", "solarize", "solarize_threshold"} <= set(s) and s["rotation_k"].dtype == torch.long
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
