@@ -268,3 +268,23 @@ def test_losses_are_float32_under_bf16_autocast():
     for a in ALL:
         assert losses[a].dtype == torch.float32
         assert losses[a].item() == pytest.approx(reference[a].item(), rel=0.05)
+
+
+def test_pretraining_with_rotation_and_solarize_targets_logs_their_losses(tmp_path):
+    """The training loop end to end with the two new heads: finite losses, logged under their names."""
+    import dataclasses
+
+    from pipeline.train import pretrain
+    from tests.test_train import tiny_images, tiny_params
+
+    p = tiny_params(epochs=1, log_every=1)
+    p = dataclasses.replace(p, augment=dataclasses.replace(p.augment, rotation_p=0.5, solarize_p=0.5),
+                            augself=dataclasses.replace(p.augself, augmentations=["crop", "rotation", "solarize"]))
+    logs: list[dict] = []
+    res = pretrain(p, "simclr", "augself", tiny_images(16), tmp_path, on_log=lambda s, m: logs.append(m),
+                   device="cpu", progress=False)
+    assert res.finished and logs
+    for m in logs:
+        assert {f"pretrain/loss_augself/{a}" for a in ("crop", "rotation", "solarize")} <= m.keys()
+        # an untrained 4-way head starts near ln 4 (uniform logits); MSE on tanh below 4
+        assert 0.5 < m["pretrain/loss_augself/rotation"] < 3.0 and 0 <= m["pretrain/loss_augself/solarize"] < 4
