@@ -7,12 +7,14 @@ no Python loop over the images, and no host synchronisation when the generator l
 (see *Randomness* below).
 
 Why written here and not taken from kornia (the library the official code uses for its batch-side
-ops, and which also returns the sampled parameters): on the CPU, for the same pipeline (crop, flip,
-jitter p 0.8, grayscale p 0.2, blur p 0.5, normalise; batch 256, 2 threads), kornia 0.9's
+ops, and which also returns the sampled parameters): for the same pipeline on the CPU (crop, flip,
+jitter p 0.8, grayscale p 0.2, blur p 0.5, normalise; batch 256), kornia 0.9's
 ``AugmentationSequential`` does 2.8× the work of this module at 32 px and 2.5× at 96 px
-(``bench/bench_augment.py --clock cpu``, CPU seconds per batch of two views, 1 thread, measured on
-a shared 2-core VM; ``bench/results/augment-cpu-cpuclock.json``), and it does not give per-sample torchvision-exact colour ops nor views reproducible from
-``(seed, epoch, step)`` on any device.
+(``bench/bench_augment.py --clock cpu --threads 1``: CPU seconds per batch of two views, measured
+once on a shared 2-core VM, ``bench/results/augment-cpu-cpuclock.json``; a wall-clock run with 2
+threads on the same loaded VM gave 3.1× and 1.5×, dominated by the load).  Kornia also gives
+neither torchvision-exact colour ops nor views reproducible from ``(seed, epoch, step)`` on every
+device.
 
 A pipeline of small ops
 -----------------------
