@@ -315,3 +315,12 @@ def test_augmentation_probe_rotation_accuracy_and_solarize_r2():
     assert 30 < seeing["rotation"]["chance"] < 55
     assert seeing["solarize"]["r2"] > 0.1 and blind["solarize"]["r2"] < 0.0
     assert "rotation" in format_probe_result(seeing, "toy")
+
+
+def test_probe_covers_every_augmentation_that_is_on():
+    from pipeline.params import AugmentParams, Params
+    from pipeline.workflow import probe_augmentations
+
+    assert probe_augmentations(Params()) == ["crop", "flip", "color"]
+    on = Params(augment=AugmentParams(blur_p=0.5, rotation_p=0.5, solarize_p=0.5))
+    assert probe_augmentations(on) == ["crop", "flip", "color", "blur", "rotation", "solarize"]
