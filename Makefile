@@ -31,3 +31,4 @@ report:
 bench:
 	python bench/bench_pretrain.py
 	python bench/bench_linear.py
+	python bench/bench_augment.py $$(python -c 'import kornia' 2>/dev/null || echo --no-kornia)   # kornia: pip install -e '.[bench]'

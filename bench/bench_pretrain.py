@@ -41,7 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.augment import BatchAugment, view_generator  # noqa: E402
+from pipeline.augment import BatchAugment, blur_kernel_size, view_generator  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 from pipeline.params import METHODS, Params, load_params  # noqa: E402
 from pipeline.train import (build_optimizer, build_pretrain_model, resolve_amp,  # noqa: E402
                             train_step)
@@ -144,7 +145,8 @@ class _Setup:
 
 
 def _pil_loader(images_np: np.ndarray, params: Params, batch: int, workers: int, pin: bool):
-    """The official-style feeding: per-sample torchvision transforms on PIL images, two views."""
+    """The official-style feeding: per-sample torchvision transforms on PIL images, two views
+    (with the Gaussian blur, kernel as :func:`~pipeline.augment.blur_kernel_size`, when ``blur_p > 0``)."""
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms as T
@@ -156,6 +158,8 @@ def _pil_loader(images_np: np.ndarray, params: Params, batch: int, workers: int,
         T.RandomHorizontalFlip(a.flip_p),
         T.RandomApply([T.ColorJitter(a.brightness, a.contrast, a.saturation, a.hue)], p=a.jitter_p),
         T.RandomGrayscale(a.grayscale_p),
+        *([T.RandomApply([T.GaussianBlur(blur_kernel_size(size), tuple(a.blur_sigma))], p=a.blur_p)]
+          if a.blur_p > 0 else []),
         T.ToTensor(),
         T.Normalize(a.mean, a.std),
     ])
@@ -216,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--images", type=int, default=2048, help="size of the synthetic data set")
     ap.add_argument("--augself-hidden", type=int, help="hidden width of the AugSelf MLPs (default: augself.hidden_dim)")
+    ap.add_argument("--augself-augs", help="comma-separated AugSelf targets for λ = 1 (default: augself.augmentations); "
+                                           "rotation / solarize switch their op on at the official p 0.5 "
+                                           "for every condition, so the overhead is the heads' alone")
     ap.add_argument("--no-pil", action="store_true", help="skip the PIL-pipeline rows (they take most of the time)")
     ap.add_argument("--out", help="JSON path (default bench/results/pretrain-<device>.json)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -249,9 +256,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ssl = dataclasses.replace(params.ssl, backbone=cfg["backbone"], width=cfg["width"],
                               batch_size=cfg["batch_size"], amp=cfg["amp"], methods=methods)
-    aug_lambda1 = dataclasses.replace(params.augself, lambda_=1.0,
-                                      hidden_dim=args.augself_hidden or params.augself.hidden_dim)
-    params = dataclasses.replace(params, ssl=ssl, augself=aug_lambda1)
+    augs = ([a.strip() for a in args.augself_augs.split(",") if a.strip()] if args.augself_augs
+            else params.augself.augmentations)
+    try:
+        augment = dataclasses.replace(params.augment, **{f"{a}_p": max(getattr(params.augment, f"{a}_p"), 0.5)
+                                                         for a in ("rotation", "solarize") if a in augs})
+        aug_lambda1 = dataclasses.replace(params.augself, lambda_=1.0, augmentations=augs,
+                                          hidden_dim=args.augself_hidden or params.augself.hidden_dim)
+        params = dataclasses.replace(params, ssl=ssl, augment=augment, augself=aug_lambda1)
+    except ConfigError as e:
+        ap.error(f"--augself-augs: {e}")
     size, batch, n_img = cfg["image_size"], cfg["batch_size"], max(args.images, 2 * cfg["batch_size"])
     rng = np.random.default_rng(0)
     images_np = rng.integers(0, 256, size=(n_img, size, size, 3), dtype=np.uint8)
@@ -349,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "config": {**cfg, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers,
                    "augself_augmentations": params.augself.augmentations,
+                   "rotation_p": params.augment.rotation_p, "solarize_p": params.augment.solarize_p,
                    "augself_hidden_dim": params.augself.hidden_dim, "images": n_img},
         "augmentation": {"batched_images_per_s": batch / t_aug,
                          "pil_loader_images_per_s": None if speedup is None else batch / t_pil_alone,

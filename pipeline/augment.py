@@ -6,10 +6,30 @@ generator (the second call continues its stream).  All arithmetic is batched ten
 no Python loop over the images, and no host synchronisation when the generator lives on the CPU
 (see *Randomness* below).
 
-Pipeline (the official AugSelf order, ``datasets.py`` of github.com/hankook/AugSelf)::
+Why written here and not taken from kornia (the library the official code uses for its batch-side
+ops, and which also returns the sampled parameters): for the same pipeline on the CPU (crop, flip,
+jitter p 0.8, grayscale p 0.2, blur p 0.5, normalise; batch 256), kornia 0.9's
+``AugmentationSequential`` does 2.8× the work of this module at 32 px and 2.5× at 96 px
+(``bench/bench_augment.py --clock cpu --threads 1``: CPU seconds per batch of two views, measured
+once on a shared 2-core VM, ``bench/results/augment-cpu-cpuclock.json``; a wall-clock run with 2
+threads on the same loaded VM gave 3.1× and 1.5×, dominated by the load).  Kornia also gives
+neither torchvision-exact colour ops nor views reproducible from ``(seed, epoch, step)`` on every
+device.
 
-    random resized crop → horizontal flip → colour jitter (p) → grayscale (p) → Gaussian blur (p)
-    → normalise
+A pipeline of small ops
+-----------------------
+Each op is a small class that draws its own parameters from its columns of the uniform draws
+(``sample``), applies itself to the batch in place (``apply_``) and encodes its ω (``omega``); the
+ops run in the order ``params.order`` gives (like kornia's ``AugmentationSequential`` or
+torchvision's v2 ``Compose``), then the views are normalised.  The official order (``datasets.py``
+of github.com/hankook/AugSelf; solarize as its ``stl10_sol`` set, rotation as ``stl10_rot``)::
+
+    random resized crop → horizontal flip → colour jitter (p) → solarize (p) → grayscale (p)
+    → Gaussian blur (p) → rotation (p) → normalise
+
+The crop must come first (it is the op that reads the source image; the others work on S×S views).
+A flip that directly follows the crop is folded into the crop's sampling grid (the same pixels as
+flipping afterwards, bit for bit, one pass fewer); anywhere else it flips in place.
 
 Conventions of ω (float32, on the images' device; ``docs/architecture.md`` is the contract):
 
@@ -23,21 +43,37 @@ Conventions of ω (float32, on the images' device; ``docs/architecture.md`` is t
     antialias=False)`` does (the official code resizes PIL images with antialiasing; on 32-96 px
     data the difference is a slight sharpness change, and it buys a batched, on-device crop).
 ``flip`` ``(B,)``
-    1.0 where the view was mirrored horizontally (after the crop).
+    1.0 where the view was mirrored horizontally.
 ``color`` ``(B, 4)``
     brightness, contrast, saturation as ``(factor − 1) / (2·strength)`` and hue as
     ``shift / (2·hue)``, so each lies in [−0.5, 0.5] (the official encoding: divide by the width of
-    the sampling range).  All four are 0 for a view whose jitter was not applied, and a factor whose
-    strength is 0 is 0 (its op is skipped).
+    the sampling range), with the *effective* strengths (``augment.color_strength`` applied, see
+    :meth:`pipeline.params.AugmentParams.jitter_strengths`).  All four are 0 for a view whose
+    jitter was not applied, and a factor whose strength is 0 is 0 (its op is skipped).
+``color_diff`` ``(B, 3)``
+    per-channel mean of the view just before the colour jitter minus just after it, RGB in
+    [0, 1]; 0 where the jitter was not applied.  CASSLE conditions its projector on it (the
+    contract in ``/work/shared/DESIGN.md``, read from gmum/CASSLE ``cond_utils.py``: "per-channel
+    mean of the image before minus after jitter, in [0,1] RGB, 0 if not applied"; that file was not
+    in our reference corpus, so the definition follows the contract).  It measures the jitter
+    alone: grayscale and solarize come after it.
 ``color_applied``, ``grayscale`` ``(B,)``
     1.0 where colour jitter / grayscale was applied.  Grayscale is not an AugSelf target.
+``solarize`` ``(B,)``
+    the threshold t ~ U(0, 1) (pixels ≥ t are inverted to 1 − x, as torchvision's and kornia's
+    ``solarize``), 1.0 where solarize was not applied (the official ``_extract_w``).
 ``blur`` ``(B,)``
     σ / σ_max (``σ_max = blur_sigma[1]``), 0 where blur was not applied.  The official ω is σ itself;
     dividing by σ_max keeps "not applied" ≡ σ = 0 and the official ratios between views, while
     putting the target within tanh's (−1, 1).
+``rotation`` ``(B,)``
+    k ∈ {0, 1, 2, 3}: the view was rotated by k·90° (``torch.rot90(view, k, (H, W))``, counter-
+    clockwise, as the official ``RandomRotation``); 0 where rotation was not applied.
 ``color_order`` ``(4,)`` long
     the permutation of (brightness, contrast, saturation, hue) used for the whole batch (one
     random order per batch, as kornia's ``ColorJitter`` in the official code).
+
+Every key is present whatever is switched on (an op that is off gives its "not applied" value).
 
 Colour ops follow ``torchvision.transforms.v2.functional.adjust_*`` on float images (blend with
 black / the mean grey / the per-pixel grey with ITU-R 601 weights, clamp to [0, 1]; hue rotated in
@@ -47,14 +83,21 @@ uses, and a test checks each op against torchvision with the same factor.  The b
 size ⌊0.1·S⌋ rounded up to odd (9 for STL-10's 96 px and 23 for 224 px, the official presets; at
 least 3), σ per sample, reflect padding, as the official ``GaussianBlur``.
 
-Randomness: every random number comes from the ``generator`` passed in, drawn in one fixed layout
-whatever the probabilities and strengths are (changing the jitter strength does not move the
-crops).  A CPU generator is the recommended choice even for CUDA images: the few kilobytes of
-parameters are drawn on the host and copied asynchronously, the batch-wide colour order is known on
-the host without a device sync, and the same seed gives the same ω on every device.  A generator on
-the images' CUDA device also works, at the cost of one small device→host copy per call (the colour
-order).  :func:`view_generator` derives the generator from ``(seed, epoch, step, rank)`` so that a
-resumed run draws the same views.
+Randomness: every random number comes from the ``generator`` passed in, as one ``torch.rand`` per
+call laid out in fixed columns (:data:`CORE_COLUMNS`, then :data:`OPTIONAL_COLUMNS`).  The core
+block (crop, flip, colour, grayscale, blur) is drawn whatever the probabilities and strengths are,
+so changing the jitter strength or switching blur on does not move the crops; its layout is the
+one of the earlier single-class implementation, so the default pipeline draws bit-identical views
+and ω to it (checked once when the ops were split out).  The optional ops (solarize, rotation) draw
+their block after it *only when they are on*: drawing it always would shift the second view's
+stream and change every existing result; switching one on therefore changes the second view of
+each pair (the first keeps its crops).  Rotation's k is ⌊4u⌋, the threshold of solarize is u.
+A CPU generator is the recommended choice even for CUDA images: the few kilobytes of parameters
+are drawn on the host and copied asynchronously, the host-side plans (the batch-wide colour order,
+the samples to rotate by each k) are known without a device sync, and the same seed gives the same
+ω on every device.  A generator on the images' CUDA device also works, at the cost of small
+device→host copies per call.  :func:`view_generator` derives the generator from
+``(seed, epoch, step, rank)`` so that a resumed run draws the same views.
 
 Cost: the crop is one ``grid_sample`` for the whole batch; every later op works in place on its
 output, and on CPU the few full-size temporaries (uint8→float source, hue planes) live in a
@@ -67,25 +110,29 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import AugmentParams
+from pipeline.params import AUGMENT_OPS, AugmentParams
 
-__all__ = ["BatchAugment", "view_generator", "blur_kernel_size", "COLOR_OPS", "GRAY_WEIGHTS"]
+__all__ = ["BatchAugment", "view_generator", "blur_kernel_size", "COLOR_OPS", "GRAY_WEIGHTS",
+           "CORE_COLUMNS", "OPTIONAL_COLUMNS"]
 
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 _CROP_TRIES = 10                         # torchvision RandomResizedCrop.get_params
 
-# Layout of the uniform draws per sample: one column block per random decision.
-_COL_SCALE = slice(0, _CROP_TRIES)
-_COL_LOGRATIO = slice(_CROP_TRIES, 2 * _CROP_TRIES)
-_COL_TOP, _COL_LEFT, _COL_FLIP, _COL_JITTER, _COL_GRAY, _COL_BLUR, _COL_SIGMA = range(2 * _CROP_TRIES,
-                                                                                  2 * _CROP_TRIES + 7)
-_COL_FACTORS = slice(2 * _CROP_TRIES + 7, 2 * _CROP_TRIES + 11)
-_N_COLS = 2 * _CROP_TRIES + 11
+# Layout of the uniform draws.  Per batch first (the colour order), then per sample one row of
+# (op, column, width) blocks.  CORE_COLUMNS is always drawn, in this (historical) order;
+# OPTIONAL_COLUMNS[op] follows, in AUGMENT_OPS order, only for the optional ops that are on.
+BATCH_COLUMNS = (("color", "order", len(COLOR_OPS)),)
+CORE_COLUMNS = (("crop", "scale", _CROP_TRIES), ("crop", "log_ratio", _CROP_TRIES), ("crop", "top", 1),
+                ("crop", "left", 1), ("flip", "apply", 1), ("color", "apply", 1), ("grayscale", "apply", 1),
+                ("blur", "apply", 1), ("blur", "sigma", 1), ("color", "factors", len(COLOR_OPS)))
+OPTIONAL_COLUMNS = {"solarize": (("apply", 1), ("threshold", 1)),
+                    "rotation": (("apply", 1), ("k", 1))}
 
 
 def view_generator(seed: int, epoch: int, step: int, device: torch.device | str = "cpu",
@@ -112,52 +159,53 @@ def blur_kernel_size(out_size: int) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-class BatchAugment:
-    """Random views of a batch, with the parameters ω of each view (see the module docstring).
+# ---------------------------------------------------------------------- the ops
+class _Op:
+    """One step of the view pipeline.
 
-    ``BatchAugment(params, out_size)(images, generator) -> (views, omega)``: ``images`` is uint8
-    ``(B, H, W, 3)`` (the prepared-data layout) or float ``(B, 3, H, W)`` in [0, 1], on any device;
-    ``views`` is float32 ``(B, 3, S, S)`` normalised with ``params.mean/std`` on the same device, in
-    channels-last memory (what ``channels_last`` backbones read without a copy) unless
-    ``channels_last=False`` (contiguous NCHW).  ``sample()`` exposes the random decisions alone.
+    ``sample(u, ctx)``: this op's decisions from its uniform columns ``u`` (``{column: (B, width)}``
+    on the generator's device; ``ctx`` has ``batch, height, width``); a dict of per-sample tensors
+    whose keys are unique across ops (they are packed into one host→device copy).
+    ``plan(d)``: host-side Python values the op needs to run (read from the decisions before the
+    copy to the device, so a CPU generator costs no sync); None by default.
+    ``apply_(x, d, plan)``: the op on the float (B, 3, S, S) batch, in place where it can; returns
+    the batch.  May store data-dependent ω in ``d``.  ``omega(d)``: its ω entries.
     """
 
-    def __init__(self, params: AugmentParams, out_size: int, channels_last: bool = True):
-        if not isinstance(params, AugmentParams):
-            raise TypeError(f"BatchAugment: params must be pipeline.params.AugmentParams, got {type(params).__name__}")
-        if not isinstance(out_size, int) or out_size < 1:
-            raise ValueError(f"BatchAugment: out_size must be a positive int (the view side S), got {out_size!r}")
-        self.params = params
-        self.out_size = out_size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.blur_kernel = blur_kernel_size(out_size)
-        self._strengths = (params.brightness, params.contrast, params.saturation, params.hue)
-        self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._ws = _Workspace()
+    name = ""
+    optional = False            # optional ops draw their columns only when on (see the module docstring)
 
-    def __repr__(self) -> str:
-        return (f"BatchAugment(out_size={self.out_size}, blur_kernel={self.blur_kernel}, "
-                f"memory_format={self.memory_format}, params={self.params})")
+    def __init__(self, params: AugmentParams, out_size: int, ws: "_Workspace"):
+        self.params, self.out_size, self.ws = params, out_size, ws
 
-    # ------------------------------------------------------------------ sampling
-    def sample(self, batch: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw every random decision of one call, on the generator's device.
+    @property
+    def on(self) -> bool:
+        return True
 
-        Returns ``box`` ``(B, 4)`` long (top, left, height, width of the source box), the masks
-        ``flip, jitter, gray, blur`` ``(B,)`` bool, ``offsets`` ``(B, 4)`` (brightness, contrast and
-        saturation factor − 1, hue shift; 0 where a strength is 0), ``sigma`` ``(B,)`` and ``order``
-        ``(4,)`` long.  Only Python scalars enter the arithmetic, so nothing here waits on a device.
-        """
-        p = self.params
-        dev = generator.device
-        u_all = torch.rand(batch * _N_COLS + len(COLOR_OPS), generator=generator, device=dev)
-        order = torch.argsort(u_all[:len(COLOR_OPS)])
-        u = u_all[len(COLOR_OPS):].view(batch, _N_COLS)
+    def sample(self, u: dict[str, torch.Tensor], ctx: dict[str, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
-        # Random resized crop: torchvision's rejection sampling, all tries of all samples at once.
-        scale = p.crop_scale[0] + (p.crop_scale[1] - p.crop_scale[0]) * u[:, _COL_SCALE]
+    def plan(self, d: dict[str, torch.Tensor]) -> Any:
+        return None
+
+    def apply_(self, x: torch.Tensor, d: dict[str, torch.Tensor], plan: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def omega(self, d: dict[str, torch.Tensor], ctx: dict[str, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class _ResizedCrop(_Op):
+    """Random resized crop of the source (torchvision's box sampling), bilinear, flip optionally folded in."""
+
+    name = "crop"
+
+    def sample(self, u, ctx):
+        p, height, width = self.params, ctx["height"], ctx["width"]
+        # torchvision's rejection sampling, all tries of all samples at once.
+        scale = p.crop_scale[0] + (p.crop_scale[1] - p.crop_scale[0]) * u["scale"]
         log_lo, log_hi = math.log(p.crop_ratio[0]), math.log(p.crop_ratio[1])
-        ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, _COL_LOGRATIO])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u["log_ratio"])
         target = float(height * width) * scale
         w_try = torch.round(torch.sqrt(target * ratio)).long()
         h_try = torch.round(torch.sqrt(target / ratio)).long()
@@ -174,90 +222,14 @@ class BatchAugment:
             fw, fh = width, height
         w_box = torch.where(found, w_try.gather(1, first).squeeze(1), fw)
         h_box = torch.where(found, h_try.gather(1, first).squeeze(1), fh)
-        top = torch.where(found, (u[:, _COL_TOP] * (height - h_box + 1)).long().minimum(height - h_box),
+        top = torch.where(found, (u["top"][:, 0] * (height - h_box + 1)).long().minimum(height - h_box),
                           (height - fh) // 2)
-        left = torch.where(found, (u[:, _COL_LEFT] * (width - w_box + 1)).long().minimum(width - w_box),
+        left = torch.where(found, (u["left"][:, 0] * (width - w_box + 1)).long().minimum(width - w_box),
                            (width - fw) // 2)
+        return {"box": torch.stack([top, left, h_box, w_box], dim=1)}
 
-        # Colour: factor − 1 uniform in [−s, s] (factor in [1 − s, 1 + s]), hue shift in [−h, h].
-        offsets = (2 * u[:, _COL_FACTORS] - 1) * torch.stack(
-            [torch.full_like(u[:, 0], s) for s in self._strengths], dim=1)
-
-        sig_lo, sig_hi = p.blur_sigma
-        return {
-            "box": torch.stack([top, left, h_box, w_box], dim=1),
-            "flip": u[:, _COL_FLIP] < p.flip_p,
-            "jitter": u[:, _COL_JITTER] < p.jitter_p,
-            "gray": u[:, _COL_GRAY] < p.grayscale_p,
-            "blur": u[:, _COL_BLUR] < p.blur_p,
-            "offsets": offsets,
-            "sigma": sig_lo + (sig_hi - sig_lo) * u[:, _COL_SIGMA],
-            "order": order,
-        }
-
-    # ------------------------------------------------------------------ call
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        nhwc, scale = self._as_nhwc(images)
-        batch, height, width, _ = nhwc.shape
-        dev = images.device
-        if generator.device.type != "cpu" and generator.device != dev:
-            raise ValueError(f"BatchAugment: generator is on {generator.device} but images are on {dev}; "
-                             f"use a CPU generator (recommended) or one on {dev}")
-        s = self.sample(batch, height, width, generator)
-        order = s["order"].tolist()                            # a device sync only for a CUDA generator
-        s = _to_device(s, dev)
-
-        # Every op below works in place on x, which the crop allocated: on CPU, fresh full-size
-        # temporaries (page faults of large allocations) cost more than the arithmetic.
-        x = self._resized_crop(nhwc, s["box"], s["flip"], scale)   # (B, 3, S, S) float32 in [0, 1]
-        p = self.params
-        if p.jitter_p > 0:
-            self._color_jitter_(x, s["offsets"], s["jitter"], order)
-        if p.grayscale_p > 0:
-            _select_(x, _grayscale(x, self._ws), _as_weight(s["gray"]))
-        if p.blur_p > 0:
-            _select_(x, _gaussian_blur(x, s["sigma"], self.blur_kernel), _as_weight(s["blur"]))
-        inv_std, shift = self._norm(dev)
-        views = x.mul_(inv_std).add_(shift).contiguous(memory_format=self.memory_format)   # (x − mean) / std
-        return views, self._omega(s, height, width)
-
-    def _omega(self, s: dict[str, torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
-        """ω from the sampled decisions (see the module docstring for the encodings)."""
-        box = s["box"].float()
-        crop = torch.stack([box[:, 0] / height, box[:, 1] / width, box[:, 2] / height, box[:, 3] / width], dim=1)
-        applied = s["jitter"].float()
-        color = torch.stack([s["offsets"][:, j] / (2 * st) if st > 0 else torch.zeros_like(applied)
-                             for j, st in enumerate(self._strengths)], dim=1) * applied[:, None]
-        return {
-            "crop": crop,
-            "flip": s["flip"].float(),
-            "color": color,
-            "color_applied": applied,
-            "grayscale": s["gray"].float(),
-            "blur": s["blur"].float() * s["sigma"] / self.params.blur_sigma[1],
-            "color_order": s["order"],
-        }
-
-    # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def _as_nhwc(images: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """An NHWC view of the input (no copy) and the factor that maps its values to [0, 1]."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError("BatchAugment: images must be a 4-d tensor, uint8 (B, H, W, 3) or float (B, 3, H, W); "
-                             f"got {getattr(images, 'shape', type(images).__name__)}")
-        if images.dtype == torch.uint8:
-            if images.shape[-1] != 3:
-                raise ValueError(f"BatchAugment: uint8 images must be NHWC (B, H, W, 3), got shape {tuple(images.shape)}")
-            return images, 1.0 / 255.0
-        if images.is_floating_point():
-            if images.shape[1] != 3:
-                raise ValueError(f"BatchAugment: float images must be NCHW (B, 3, H, W) in [0, 1], "
-                                 f"got shape {tuple(images.shape)}")
-            return images.permute(0, 2, 3, 1), 1.0
-        raise ValueError(f"BatchAugment: images must be uint8 or floating point, got {images.dtype}")
-
-    def _resized_crop(self, nhwc: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, scale: float) -> torch.Tensor:
-        """Bilinear resize of each box to S×S (align_corners=False, no antialias), flip folded in.
+    def crop(self, nhwc: torch.Tensor, box: torch.Tensor, mirror: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Bilinear resize of each box to S×S (align_corners=False, no antialias), ``mirror`` folded in.
 
         The sample positions are those ``F.interpolate`` uses on the cropped box,
         ``src = (dst + 0.5)·len/S − 0.5``, clamped to the box ``[0, len − 1]``; with positions clamped
@@ -278,38 +250,341 @@ class BatchAugment:
         top, left, h, w = box.unbind(1)
         gy = axis(top, h, height)
         gx = axis(left, w, width)
-        gx = torch.where(flip[:, None], gx.flip(1), gx)
+        if mirror is not None:
+            gx = torch.where(mirror[:, None], gx.flip(1), gx)
         grid = torch.stack([gx[:, None, :].expand(batch, S, S), gy[:, :, None].expand(batch, S, S)], dim=-1,
-                           out=self._ws("grid", (batch, S, S, 2), dev))
+                           out=self.ws("grid", (batch, S, S, 2), dev))
         src = nhwc.permute(0, 3, 1, 2)                              # NCHW view of the input
         if src.dtype != torch.float32:                              # uint8: one pass for dtype and layout
-            src = self._ws("src", (batch, 3, height, width), dev).copy_(src)
+            src = self.ws("src", (batch, 3, height, width), dev).copy_(src)
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.mul_(scale) if scale != 1.0 else out
 
-    def _color_jitter_(self, x: torch.Tensor, offsets: torch.Tensor, applied: torch.Tensor,
-                       order: list[int]) -> None:
-        """The four torchvision ops, in place, in the batch's order, each with its per-sample factor.
+    def omega(self, d, ctx):
+        box = d["box"].float()
+        h, w = ctx["height"], ctx["width"]
+        return {"crop": torch.stack([box[:, 0] / h, box[:, 1] / w, box[:, 2] / h, box[:, 3] / w], dim=1)}
+
+
+class _HorizontalFlip(_Op):
+    """Mirror the view with probability ``flip_p`` (folded into the crop when it directly follows it)."""
+
+    name = "flip"
+
+    @property
+    def on(self) -> bool:
+        return self.params.flip_p > 0
+
+    def sample(self, u, ctx):
+        return {"flip": u["apply"][:, 0] < self.params.flip_p}
+
+    def apply_(self, x, d, plan):
+        return _select_(x, x.flip(3), _as_weight(d["flip"]))
+
+    def omega(self, d, ctx):
+        return {"flip": d["flip"].float()}
+
+
+class _ColorJitter(_Op):
+    """The four torchvision colour ops with probability ``jitter_p``, one random order per batch."""
+
+    name = "color"
+
+    def __init__(self, params, out_size, ws):
+        super().__init__(params, out_size, ws)
+        self.strengths = params.jitter_strengths()
+
+    @property
+    def on(self) -> bool:
+        return self.params.jitter_p > 0
+
+    def sample(self, u, ctx):
+        # factor − 1 uniform in [−s, s] (factor in [1 − s, 1 + s]), hue shift in [−h, h]
+        strengths = torch.stack([torch.full_like(u["apply"][:, 0], s) for s in self.strengths], dim=1)
+        return {"jitter": u["apply"][:, 0] < self.params.jitter_p,
+                "offsets": (2 * u["factors"] - 1) * strengths,
+                "order": torch.argsort(u["order"])}
+
+    def plan(self, d):
+        return d["order"].tolist()                              # a device sync only for a CUDA generator
+
+    def apply_(self, x, d, order):
+        """The ops in place, in the batch's order, each with its per-sample factor.
 
         Samples whose jitter is not applied get offset 0 (factor 1), which is exactly the identity for
         the three blends; the hue result is selected per sample because the HSV round trip is only
         identity up to float rounding.
         """
+        applied = d["jitter"]
+        before = x.mean(dim=(2, 3))
         # (4, B, 1, 1, 1), contiguous: a strided per-sample factor sends the CPU kernels down a slow path
-        d = (offsets * applied[:, None]).t().contiguous().view(4, -1, 1, 1, 1)
+        f = (d["offsets"] * applied[:, None]).t().contiguous().view(4, -1, 1, 1, 1)
         for op in order:
-            if self._strengths[op] == 0:
+            if self.strengths[op] == 0:
                 continue
             if op == 0:      # brightness: blend with black
-                x.mul_(1 + d[0]).clamp_(0, 1)
+                x.mul_(1 + f[0]).clamp_(0, 1)
             elif op == 1:    # contrast: blend with the mean grey level of the image
-                mean = _grayscale(x, self._ws).mean(dim=(1, 2, 3), keepdim=True)
-                x.mul_(1 + d[1]).sub_(mean * d[1]).clamp_(0, 1)
+                mean = _grayscale(x, self.ws).mean(dim=(1, 2, 3), keepdim=True)
+                x.mul_(1 + f[1]).sub_(mean * f[1]).clamp_(0, 1)
             elif op == 2:    # saturation: blend with the per-pixel grey level
-                gray = _grayscale(x, self._ws).mul_(d[2])    # before x is scaled in place
-                x.mul_(1 + d[2]).sub_(gray).clamp_(0, 1)
+                gray = _grayscale(x, self.ws).mul_(f[2])    # before x is scaled in place
+                x.mul_(1 + f[2]).sub_(gray).clamp_(0, 1)
             else:            # hue: rotate H in HSV
-                _select_(x, _adjust_hue(x, d[3].view(-1), self._ws), _as_weight(applied))
+                _select_(x, _adjust_hue(x, f[3].view(-1), self.ws), _as_weight(applied))
+        d["color_diff"] = (before - x.mean(dim=(2, 3))) * applied.float()[:, None]
+        return x
+
+    def omega(self, d, ctx):
+        applied = d["jitter"].float()
+        color = torch.stack([d["offsets"][:, j] / (2 * st) if st > 0 else torch.zeros_like(applied)
+                             for j, st in enumerate(self.strengths)], dim=1) * applied[:, None]
+        diff = d.get("color_diff")
+        return {"color": color, "color_applied": applied,
+                "color_diff": diff if diff is not None else torch.zeros_like(color[:, :3]),
+                "color_order": d["order"]}
+
+
+class _Solarize(_Op):
+    """Invert the pixels ≥ t (threshold t ~ U(0, 1)) with probability ``solarize_p`` (official: kornia's
+    ``RandomSolarize(0.5, 0.0)``, i.e. thresholds 0.5 ± 0.5, no additions)."""
+
+    name = "solarize"
+    optional = True
+
+    @property
+    def on(self) -> bool:
+        return self.params.solarize_p > 0
+
+    def sample(self, u, ctx):
+        return {"solarize": u["apply"][:, 0] < self.params.solarize_p, "solarize_threshold": u["threshold"][:, 0]}
+
+    def apply_(self, x, d, plan):
+        # Not applied: a threshold above 1 inverts nothing (t = 1 would still invert pixels equal to 1).
+        t = torch.where(d["solarize"], d["solarize_threshold"], 2.0).view(-1, 1, 1, 1)
+        inverted = torch.neg(x, out=self.ws("solarize", x.shape, x.device)).add_(1.0)   # 1 − x, exactly
+        return torch.where(x >= t, inverted, x, out=x)
+
+    def omega(self, d, ctx):
+        return {"solarize": torch.where(d["solarize"], d["solarize_threshold"], 1.0)}
+
+
+class _Grayscale(_Op):
+    """Replace the view by its luma (3 equal channels) with probability ``grayscale_p`` (effective)."""
+
+    name = "grayscale"
+
+    def __init__(self, params, out_size, ws):
+        super().__init__(params, out_size, ws)
+        self.p = params.effective_grayscale_p()
+
+    @property
+    def on(self) -> bool:
+        return self.p > 0
+
+    def sample(self, u, ctx):
+        return {"gray": u["apply"][:, 0] < self.p}
+
+    def apply_(self, x, d, plan):
+        return _select_(x, _grayscale(x, self.ws), _as_weight(d["gray"]))
+
+    def omega(self, d, ctx):
+        return {"grayscale": d["gray"].float()}
+
+
+class _GaussianBlur(_Op):
+    """Gaussian blur with σ ~ U(blur_sigma) with probability ``blur_p`` (the official kernel)."""
+
+    name = "blur"
+
+    @property
+    def on(self) -> bool:
+        return self.params.blur_p > 0
+
+    def sample(self, u, ctx):
+        sig_lo, sig_hi = self.params.blur_sigma
+        return {"blur": u["apply"][:, 0] < self.params.blur_p, "sigma": sig_lo + (sig_hi - sig_lo) * u["sigma"][:, 0]}
+
+    def apply_(self, x, d, plan):
+        return _select_(x, _gaussian_blur(x, d["sigma"], blur_kernel_size(self.out_size)), _as_weight(d["blur"]))
+
+    def omega(self, d, ctx):
+        return {"blur": d["blur"].float() * d["sigma"] / self.params.blur_sigma[1]}
+
+
+class _Rotation(_Op):
+    """Rotate by k·90° (k uniform in {0, 1, 2, 3}) with probability ``rotation_p`` (official ``RandomRotation``).
+
+    The samples to rotate by each k are read on the host (a plan), then each group is one
+    ``index_select`` → ``rot90`` → ``index_copy_``: about two passes over the rotated part, and
+    none over the views left as they are (k = 0 or not applied).
+    """
+
+    name = "rotation"
+    optional = True
+
+    @property
+    def on(self) -> bool:
+        return self.params.rotation_p > 0
+
+    def sample(self, u, ctx):
+        k = (u["k"][:, 0] * 4).long().clamp_(max=3)
+        return {"rotation_k": torch.where(u["apply"][:, 0] < self.params.rotation_p, k, 0)}
+
+    def plan(self, d):
+        k = d["rotation_k"]
+        return [(r, torch.nonzero(k == r).flatten()) for r in (1, 2, 3) if bool((k == r).any())]
+
+    def apply_(self, x, d, groups):
+        for r, index in groups:
+            index = index.to(x.device, non_blocking=True)
+            x.index_copy_(0, index, torch.rot90(x.index_select(0, index), r, (2, 3)))
+        return x
+
+    def omega(self, d, ctx):
+        return {"rotation": d["rotation_k"].float()}
+
+
+_OP_CLASSES: dict[str, type[_Op]] = {c.name: c for c in (_ResizedCrop, _HorizontalFlip, _ColorJitter, _Solarize,
+                                                          _Grayscale, _GaussianBlur, _Rotation)}
+assert tuple(sorted(_OP_CLASSES)) == tuple(sorted(AUGMENT_OPS)), "pipeline.params.AUGMENT_OPS and the ops disagree"
+assert {op for op, _, _ in CORE_COLUMNS} | set(OPTIONAL_COLUMNS) == set(AUGMENT_OPS)
+
+
+class BatchAugment:
+    """Random views of a batch, with the parameters ω of each view (see the module docstring).
+
+    ``BatchAugment(params, out_size)(images, generator) -> (views, omega)``: ``images`` is uint8
+    ``(B, H, W, 3)`` (the prepared-data layout) or float ``(B, 3, H, W)`` in [0, 1], on any device;
+    ``views`` is float32 ``(B, 3, S, S)`` normalised with ``params.mean/std`` on the same device, in
+    channels-last memory (what ``channels_last`` backbones read without a copy) unless
+    ``channels_last=False`` (contiguous NCHW).  ``sample()`` exposes the random decisions alone;
+    ``ops`` lists the ops in the order they run.
+    """
+
+    def __init__(self, params: AugmentParams, out_size: int, channels_last: bool = True):
+        if not isinstance(params, AugmentParams):
+            raise TypeError(f"BatchAugment: params must be pipeline.params.AugmentParams, got {type(params).__name__}")
+        if not isinstance(out_size, int) or out_size < 1:
+            raise ValueError(f"BatchAugment: out_size must be a positive int (the view side S), got {out_size!r}")
+        self.params = params
+        self.out_size = out_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.blur_kernel = blur_kernel_size(out_size)
+        self._ws = _Workspace()
+        self.ops: list[_Op] = [_OP_CLASSES[name](params, out_size, self._ws) for name in params.order]
+        self._by_name = {op.name: op for op in self.ops}
+        # the flip is folded into the crop's grid when it runs right after it
+        self._fold_flip = len(self.ops) > 1 and self.ops[1].name == "flip"
+        self._optional = [name for name in AUGMENT_OPS if name in OPTIONAL_COLUMNS and self._by_name[name].on]
+        self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return (f"BatchAugment(out_size={self.out_size}, ops={[op.name for op in self.ops if op.on]}, "
+                f"blur_kernel={self.blur_kernel}, memory_format={self.memory_format}, params={self.params})")
+
+    # ------------------------------------------------------------------ sampling
+    def _uniforms(self, batch: int, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+        """One ``torch.rand`` for the call, split into ``{op: {column: (B, width) or (width,)}}``."""
+        blocks = [(op, col, n) for op, col, n in CORE_COLUMNS]
+        blocks += [(op, col, n) for op in self._optional for col, n in OPTIONAL_COLUMNS[op]]
+        n_batch = sum(n for _, _, n in BATCH_COLUMNS)
+        n_core = sum(n for _, _, n in CORE_COLUMNS)
+        n_all = sum(n for _, _, n in blocks)
+        u_all = torch.rand(n_batch + batch * n_all, generator=generator, device=generator.device)
+        out: dict[str, dict[str, torch.Tensor]] = {op: {} for op in AUGMENT_OPS}
+        i = 0
+        for op, col, n in BATCH_COLUMNS:
+            out[op][col] = u_all[i:i + n]
+            i += n
+        core = u_all[n_batch:n_batch + batch * n_core].view(batch, n_core)
+        extra = u_all[n_batch + batch * n_core:].view(batch, n_all - n_core)
+        j = 0
+        for k, (op, col, n) in enumerate(blocks):
+            if k == len(CORE_COLUMNS):
+                j = 0
+            out[op][col] = (core if k < len(CORE_COLUMNS) else extra)[:, j:j + n]
+            j += n
+        return out
+
+    def sample(self, batch: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Draw every random decision of one call, on the generator's device.
+
+        Returns one flat dict over the ops: ``box`` ``(B, 4)`` long (top, left, height, width of the
+        source box), the masks ``flip, jitter, gray, blur`` ``(B,)`` bool, ``offsets`` ``(B, 4)``
+        (brightness, contrast and saturation factor − 1, hue shift; 0 where a strength is 0),
+        ``sigma`` ``(B,)``, ``order`` ``(4,)`` long, and for the optional ops that are on
+        ``solarize`` (bool), ``solarize_threshold`` ``(B,)``, ``rotation_k`` ``(B,)`` long (0 where
+        not rotated).  Only Python scalars enter the arithmetic, so nothing here waits on a device.
+        """
+        u = self._uniforms(batch, generator)
+        ctx = {"batch": batch, "height": height, "width": width}
+        s: dict[str, torch.Tensor] = {}
+        for name in AUGMENT_OPS:                # layout order, so the dict is the same whatever params.order is
+            op = self._by_name[name]
+            if op.optional and not op.on:
+                continue
+            for key, value in op.sample(u[name], ctx).items():
+                assert key not in s, f"two ops sample {key!r}"
+                s[key] = value
+        return s
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nhwc, scale = self._as_nhwc(images)
+        batch, height, width, _ = nhwc.shape
+        dev = images.device
+        if generator.device.type != "cpu" and generator.device != dev:
+            raise ValueError(f"BatchAugment: generator is on {generator.device} but images are on {dev}; "
+                             f"use a CPU generator (recommended) or one on {dev}")
+        ctx = {"batch": batch, "height": height, "width": width}
+        s = self.sample(batch, height, width, generator)
+        plans = {op.name: op.plan(s) for op in self.ops if op.on}   # host-side, before the copy
+        s = _to_device(s, dev)
+
+        # Every op works in place on x where it can, which the crop allocated: on CPU, fresh
+        # full-size temporaries (page faults of large allocations) cost more than the arithmetic.
+        crop, rest = self.ops[0], self.ops[1:]
+        mirror = s["flip"] if self._fold_flip else None
+        x = crop.crop(nhwc, s["box"], mirror, scale)                # (B, 3, S, S) float32 in [0, 1]
+        for op in rest[1:] if self._fold_flip else rest:
+            if op.on:
+                x = op.apply_(x, s, plans[op.name])
+        inv_std, shift = self._norm(dev)
+        views = x.mul_(inv_std).add_(shift).contiguous(memory_format=self.memory_format)   # (x − mean) / std
+        return views, self._omega(s, ctx, batch, dev)
+
+    def _omega(self, s: dict[str, torch.Tensor], ctx: dict[str, int], batch: int,
+               dev: torch.device) -> dict[str, torch.Tensor]:
+        """ω of every op, in a fixed key order; an optional op that is off gives its "not applied" value."""
+        omega: dict[str, torch.Tensor] = {}
+        for name in ("crop", "flip", "color", "grayscale", "blur"):
+            omega.update(self._by_name[name].omega(s, ctx))
+        color_order = omega.pop("color_order")
+        off = {"solarize": 1.0, "rotation": 0.0}
+        for name in ("solarize", "rotation"):
+            op = self._by_name[name]
+            omega.update(op.omega(s, ctx) if op.on else {name: torch.full((batch,), off[name], device=dev)})
+        omega["color_order"] = color_order
+        return omega
+
+    # ------------------------------------------------------------------ pieces
+    @staticmethod
+    def _as_nhwc(images: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """An NHWC view of the input (no copy) and the factor that maps its values to [0, 1]."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError("BatchAugment: images must be a 4-d tensor, uint8 (B, H, W, 3) or float (B, 3, H, W); "
+                             f"got {getattr(images, 'shape', type(images).__name__)}")
+        if images.dtype == torch.uint8:
+            if images.shape[-1] != 3:
+                raise ValueError(f"BatchAugment: uint8 images must be NHWC (B, H, W, 3), got shape {tuple(images.shape)}")
+            return images, 1.0 / 255.0
+        if images.is_floating_point():
+            if images.shape[1] != 3:
+                raise ValueError(f"BatchAugment: float images must be NCHW (B, 3, H, W) in [0, 1], "
+                                 f"got shape {tuple(images.shape)}")
+            return images.permute(0, 2, 3, 1), 1.0
+        raise ValueError(f"BatchAugment: images must be uint8 or floating point, got {images.dtype}")
 
     def _norm(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(1/std, −mean/std) as (1, 3, 1, 1) tensors on ``dev``, cached per device."""

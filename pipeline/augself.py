@@ -16,7 +16,16 @@ crop   4     (cy1 − cy2, cx1 − cx2, h1 − h2, w1 − w2), centre = top + h/
 flip   1     1[flip1 = flip2]                                                BCE on the logit φ
 color  4     ω1 − ω2 (brightness, contrast, saturation, hue)                 MSE on tanh(φ)
 blur   1     ω1 − ω2 (σ / σ_max, 0 when not applied)                         MSE on tanh(φ)
+rota-  4     (k1 − k2 + 4) mod 4, the class of the relative rotation (k: the CE over 4 logits
+tion         number of 90° turns, 0 when not applied); a (B,) long tensor
+solar- 1     ω1 − ω2 (the threshold, 1 when not applied)                     MSE on tanh(φ)
+ize
 ====== ===== ============================================================== ====================
+
+Rotation and solarize are the official ``SSObjective`` targets ``rot`` and ``sol``
+(hankook/AugSelf ``transforms.extract_diff``; its ``stl10_rot`` / ``stl10_sol`` pretraining sets):
+``rot`` is ``(w1 − w2 + 4) % 4`` with a 4-way head and cross-entropy, ``sol`` is ``w1 − w2`` with
+MSE on tanh.  The swapped order's rotation target is ``(4 − t) mod 4`` (the inverse rotation).
 
 Deviation from the official code (github.com/hankook/AugSelf, ``transforms.extract_diff``): it
 mirrors *both* views' crop centres with view 1's flip flag (``center2[f1, 1] = 1 - center2[f1, 1]``),
@@ -47,6 +56,8 @@ AUG_OUTPUTS: dict[str, tuple[int, str]] = {
     "flip": (1, "binary"),
     "color": (4, "regression"),
     "blur": (1, "regression"),
+    "rotation": (4, "classification"),
+    "solarize": (1, "regression"),
 }
 assert set(AUG_OUTPUTS) == set(AUGSELF_AUGMENTATIONS), "pipeline.params.AUGSELF_AUGMENTATIONS and AUG_OUTPUTS disagree"
 
@@ -80,6 +91,8 @@ def augself_targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, tor
     view 1's flag, as the official ``extract_diff`` does (``center2[f1, 1]``); see the module
     docstring.  ``flip``: ``1[flip1 == flip2]``.  ``color``: ``ω1 − ω2`` (4 values).
     ``blur``: ``σ̂1 − σ̂2`` (σ normalised by its range, 0 when not applied).
+    ``rotation``: ``(k1 − k2 + 4) mod 4`` as a ``(B,)`` long class index (not ``(B, 4)``: the head's
+    4 outputs are logits).  ``solarize``: ``t1 − t2`` (threshold, 1 when not applied).
 
     The target of the swapped order (view 2, view 1) is ``augself_targets(omega2, omega1, ...)``:
     the negation for the differences and the same for flip, except for the crop x-target under
@@ -99,12 +112,20 @@ def augself_targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, tor
         targets["color"] = omega1["color"] - omega2["color"]
     if "blur" in augmentations:
         targets["blur"] = (omega1["blur"] - omega2["blur"]).unsqueeze(1)
+    if "rotation" in augmentations:
+        targets["rotation"] = (omega1["rotation"].round().long() - omega2["rotation"].round().long() + 4) % 4
+    if "solarize" in augmentations:
+        targets["solarize"] = (omega1["solarize"] - omega2["solarize"]).unsqueeze(1)
     return targets
 
 
 def _swapped(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Targets of the order (v2, v1) from those of (v1, v2): −target for differences, same for flip."""
-    return {a: t if AUG_OUTPUTS[a][1] == "binary" else -t for a, t in targets.items()}
+    """Targets of the order (v2, v1) from those of (v1, v2): −target for differences, same for flip,
+    the inverse rotation ``(4 − t) mod 4`` for rotation."""
+    def swap(aug: str, t: torch.Tensor) -> torch.Tensor:
+        n_out, kind = AUG_OUTPUTS[aug]
+        return t if kind == "binary" else (n_out - t) % n_out if kind == "classification" else -t
+    return {a: swap(a, t) for a, t in targets.items()}
 
 
 def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
@@ -127,7 +148,8 @@ class AugSelfHead(nn.Module):
     ``forward(f1, f2, targets)`` returns the unweighted loss of each augmentation, computed
     symmetrically as the official ``SSObjective``: the two orders ``[f1, f2]`` and ``[f2, f1]`` are
     one batch of 2B through each MLP (so BatchNorm sees both), with targets ``targets`` and, for the
-    swapped order, ``targets_swapped`` (default: ``−target`` for differences, the same for flip).
+    swapped order, ``targets_swapped`` (default: ``−target`` for differences, the same for flip,
+    ``(4 − t) mod 4`` for rotation).  Rotation is a 4-way classification: cross-entropy on the logits.
     ``loss_from_omega`` builds both target sets from ω itself, honouring ``official_flip_mirror``.
     Losses are computed in float32 whatever the autocast dtype of the MLPs.
     """
@@ -177,14 +199,18 @@ class AugSelfHead(nn.Module):
         losses = {}
         for a in self.augmentations:
             pred = self.heads[a](z).float()          # losses in float32, also under bf16/fp16 autocast
-            target = torch.cat([targets[a], targets_swapped[a]], dim=0).float()
-            if target.shape != pred.shape:
-                raise ValueError(f"AugSelfHead: target for {a!r} has shape {tuple(targets[a].shape)}, "
-                                 f"expected ({f1.shape[0]}, {AUG_OUTPUTS[a][0]})")
-            if AUG_OUTPUTS[a][1] == "binary":
-                losses[a] = F.binary_cross_entropy_with_logits(pred, target)
+            kind = AUG_OUTPUTS[a][1]
+            target = torch.cat([targets[a], targets_swapped[a]], dim=0)
+            expected = pred.shape[:1] if kind == "classification" else pred.shape
+            if target.shape != expected:
+                want = f"({f1.shape[0]},) class indices" if kind == "classification" else f"({f1.shape[0]}, {AUG_OUTPUTS[a][0]})"
+                raise ValueError(f"AugSelfHead: target for {a!r} has shape {tuple(targets[a].shape)}, expected {want}")
+            if kind == "classification":
+                losses[a] = F.cross_entropy(pred, target.long())
+            elif kind == "binary":
+                losses[a] = F.binary_cross_entropy_with_logits(pred, target.float())
             else:
-                losses[a] = F.mse_loss(torch.tanh(pred), target)
+                losses[a] = F.mse_loss(torch.tanh(pred), target.float())
         return losses
 
     def loss_from_omega(self, f1: torch.Tensor, f2: torch.Tensor, omega1: Mapping[str, torch.Tensor],

@@ -19,7 +19,11 @@ from pipeline.config import (ConfigError, check_choice, check_range, check_subse
 # two in sync, and used here so that validation never has to import torch.
 METHODS = ("simclr", "simsiam", "moco", "byol")
 BACKBONES = ("resnet_small", "resnet18", "resnet50")
-AUGSELF_AUGMENTATIONS = ("crop", "flip", "color", "blur")
+AUGSELF_AUGMENTATIONS = ("crop", "flip", "color", "blur", "rotation", "solarize")
+# The ops of the view pipeline, in the official order (pipeline/augment.py); normalisation always ends it.
+AUGMENT_OPS = ("crop", "flip", "color", "solarize", "grayscale", "blur", "rotation")
+# augment.color_strength: the official ``--color-aug`` scale of the jitter strengths and grayscale_p.
+COLOR_STRENGTHS = {"weak": 0.5, "default": 1.0, "strong": 2.0}
 VARIANTS = ("baseline", "augself")
 
 
@@ -124,7 +128,17 @@ class SSLParams:
 
 @dataclass
 class AugmentParams:
-    """The view pipeline (official order: crop → flip → colour jitter → grayscale → blur → normalise)."""
+    """The view pipeline: the ops of ``order`` (official: crop → flip → colour jitter → solarize →
+    grayscale → blur → rotation), then normalisation.  An op whose probability is 0 is off.
+
+    ``color_strength`` is the official ``--color-aug weak|default|strong`` (hankook/AugSelf
+    ``datasets.py``): it multiplies brightness, contrast, saturation, hue and grayscale_p by 0.5 / 1 / 2.
+    The products are capped where the sampling range would leave its domain, as kornia's
+    ``ColorJitter`` bounds do (factor ≥ 0: brightness/contrast/saturation ≤ 1; hue ≤ 0.5;
+    probability ≤ 1); the caps never bind for the official strengths (0.8, 0.2, 0.4 at ``strong``).
+    The *effective* values (:meth:`jitter_strengths`, :meth:`effective_grayscale_p`) are what the
+    augmentation samples with and what the colour ω is normalised by.
+    """
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     flip_p: float = 0.5
@@ -138,6 +152,10 @@ class AugmentParams:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    color_strength: str = "default"     # weak | default | strong: scales jitter strengths and grayscale_p
+    solarize_p: float = 0.0             # official stl10_sol: 0.5 (threshold ~ U(0, 1))
+    rotation_p: float = 0.0             # official stl10_rot: 0.5 (k·90°, k uniform in {0, 1, 2, 3})
+    order: list[str] = field(default_factory=lambda: list(AUGMENT_OPS))
 
     def __post_init__(self):
         lo, hi = self.crop_scale
@@ -145,7 +163,7 @@ class AugmentParams:
         check_range("augment.crop_scale[1]", hi, lo, 1)
         check_range("augment.crop_ratio[0]", self.crop_ratio[0], 0, lo_open=True)
         check_range("augment.crop_ratio[1]", self.crop_ratio[1], self.crop_ratio[0])
-        for k in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+        for k in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "rotation_p"):
             check_range(f"augment.{k}", getattr(self, k), 0, 1)
         for k in ("brightness", "contrast", "saturation"):
             check_range(f"augment.{k}", getattr(self, k), 0, 1)
@@ -154,6 +172,34 @@ class AugmentParams:
         check_range("augment.blur_sigma[1]", self.blur_sigma[1], self.blur_sigma[0])
         for i, s in enumerate(self.std):
             check_range(f"augment.std[{i}]", s, 0, lo_open=True)
+        check_choice("augment.color_strength", self.color_strength, tuple(COLOR_STRENGTHS))
+        order = list(self.order)
+        check_subset("augment.order", order, AUGMENT_OPS)
+        if sorted(order) != sorted(AUGMENT_OPS) or not order or order[0] != "crop":
+            raise ConfigError(f"augment.order: {order} must list every op exactly once with crop first "
+                              f"(the crop reads the source image; the other ops work on the views); "
+                              f"the official order is {list(AUGMENT_OPS)}; switch an op off with its "
+                              f"probability (e.g. augment.rotation_p: 0)")
+
+    def jitter_strengths(self) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue) scaled by ``color_strength`` and capped (see the class)."""
+        s = COLOR_STRENGTHS[self.color_strength]
+        return (min(self.brightness * s, 1.0), min(self.contrast * s, 1.0), min(self.saturation * s, 1.0),
+                min(self.hue * s, 0.5))
+
+    def effective_grayscale_p(self) -> float:
+        """``grayscale_p`` scaled by ``color_strength``, capped at 1 (official: ``p=0.2*s``)."""
+        return min(self.grayscale_p * COLOR_STRENGTHS[self.color_strength], 1.0)
+
+    def probability(self, aug: str) -> float:
+        """The probability that switches the view op behind AugSelf target ``aug`` (crop: 1, always on)."""
+        return {"crop": 1.0, "flip": self.flip_p, "color": self.jitter_p if any(self.jitter_strengths()) else 0.0,
+                "blur": self.blur_p, "rotation": self.rotation_p, "solarize": self.solarize_p}[aug]
+
+
+# The augment.* key that switches each AugSelf target's augmentation on (used in messages).
+AUGMENTATION_SWITCH = {"crop": "augment.crop_scale", "flip": "augment.flip_p", "color": "augment.jitter_p",
+                       "blur": "augment.blur_p", "rotation": "augment.rotation_p", "solarize": "augment.solarize_p"}
 
 
 @dataclass
@@ -244,6 +290,16 @@ class Params:
     augself: AugSelfParams = field(default_factory=AugSelfParams)
     eval: EvalParams = field(default_factory=EvalParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    def __post_init__(self):
+        # An AugSelf target needs its augmentation: a view op that is off gives a constant target.
+        for aug in self.augself.augmentations:
+            if aug in AUGMENTATION_SWITCH and self.augment.probability(aug) == 0:
+                key = AUGMENTATION_SWITCH[aug]
+                raise ConfigError(f"augself.augmentations: {aug!r} is listed but its augmentation is off "
+                                  f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
+                                  f"so its target would be constant; set {key} > 0 or remove {aug!r} "
+                                  f"from augself.augmentations")
 
     def lambda_for(self, variant: str) -> float:
         check_choice("variant", variant, VARIANTS)

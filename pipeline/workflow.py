@@ -247,6 +247,7 @@ def probe_augmentations(params: Params) -> list[str]:
         augs.insert(1, "flip")
     if params.augment.blur_p > 0:
         augs.append("blur")
+    augs += [a for a in ("rotation", "solarize") if params.augment.probability(a) > 0]
     return augs
 
 

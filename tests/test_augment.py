@@ -90,7 +90,7 @@ def test_crop_falls_back_to_centre_crop_when_no_try_fits():
 # --------------------------------------------------------------------------- colour jitter
 def base_views(images, p: AugmentParams, seed: int, size: int = S) -> torch.Tensor:
     """The same crops and flips without any colour op: the random draws use a fixed layout."""
-    plain = dataclasses.replace(p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    plain = dataclasses.replace(p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, rotation_p=0.0)
     return BatchAugment(plain, size)(images, gen(seed))[0]
 
 
@@ -214,6 +214,99 @@ def test_normalisation_uses_mean_and_std(images):
     torch.testing.assert_close(views, ref, atol=1e-5, rtol=0)
 
 
+# --------------------------------------------------------------------------- rotation, solarize, colour strength
+def test_rotated_views_are_rot90_of_the_unrotated_views(images):
+    p = params(rotation_p=0.5, flip_p=0.5)
+    x = images.repeat(6, 1, 1, 1)
+    views, omega = BatchAugment(p, S)(x, gen(4))
+    base = base_views(x, p, 4)              # the optional block comes after the core one: same crops
+    k = omega["rotation"]
+    assert set(k.tolist()) == {0.0, 1.0, 2.0, 3.0} and 0.25 < (k == 0).float().mean() < 0.85
+    for b in range(len(x)):
+        torch.testing.assert_close(views[b], torch.rot90(base[b], int(k[b]), (1, 2)), atol=0, rtol=0)
+    # k = ⌊4u⌋ over the applied ones: each k ≠ 0 about 1/8 of all views, in the stream of 2000 views
+    _, omega = BatchAugment(p, 4)(torch.rand(2000, 3, 4, 4, generator=gen(0)), gen(1))
+    for r in (1, 2, 3):
+        assert abs((omega["rotation"] == r).float().mean().item() - 0.125) < 0.03, r
+
+
+def test_solarized_views_match_torchvision_and_omega_is_one_when_not_applied(images):
+    p = params(solarize_p=0.5, jitter_p=1.0, hue=0.0)        # after the jitter, as the official stl10_sol
+    x = images.repeat(4, 1, 1, 1)
+    views, omega = BatchAugment(p, S)(x, gen(5))
+    no_sol, _ = BatchAugment(dataclasses.replace(p, solarize_p=0.0), S)(x, gen(5))
+    t = omega["solarize"]
+    applied = t < 1
+    assert 0.25 < applied.float().mean() < 0.75 and bool((t[applied] > 0).all())
+    for b in range(len(x)):
+        ref = TF.solarize(no_sol[b], float(t[b])) if applied[b] else no_sol[b]
+        torch.testing.assert_close(views[b], ref, atol=0, rtol=0)
+    assert (views[applied] - no_sol[applied]).abs().max() > 0.1
+
+
+def test_optional_ops_off_give_not_applied_omega_and_do_not_move_the_default_stream(images):
+    aug = BatchAugment(AugmentParams(), S)
+    g = gen(0)
+    (v1, o1), (v2, o2) = aug(images, g), aug(images, g)
+    assert bool((o1["rotation"] == 0).all()) and bool((o1["solarize"] == 1).all())
+    # Zero-probability optional ops draw nothing: the second call continues the same stream as the
+    # core layout alone (one uniform row of 31 per image after 4 per-batch numbers).
+    u = torch.rand(2 * (4 + B * 31), generator=gen(0))
+    assert torch.equal(o2["color_order"], torch.argsort(u[4 + B * 31: 8 + B * 31]))
+    on = BatchAugment(AugmentParams(rotation_p=0.5), S)
+    g = gen(0)
+    (w1, p1), (w2, p2) = on(images, g), on(images, g)
+    assert torch.equal(p1["crop"], o1["crop"]) and not torch.equal(p2["crop"], o2["crop"])
+
+
+def test_flip_anywhere_in_the_order_equals_the_flip_folded_into_the_crop(images):
+    p = params(flip_p=0.5, jitter_p=0.8, grayscale_p=0.3, blur_p=0.5)
+    folded = BatchAugment(p, S)(images, gen(3))
+    late = dataclasses.replace(p, order=["crop", "color", "solarize", "grayscale", "blur", "flip", "rotation"])
+    aug = BatchAugment(late, S)
+    assert not aug._fold_flip and BatchAugment(p, S)._fold_flip
+    views, omega = aug(images, gen(3))
+    assert bool(omega["flip"].any())
+    for k in omega:     # the same decisions; color_diff's mean sums the mirrored pixels in another order
+        torch.testing.assert_close(omega[k], folded[1][k], atol=1e-6 if k == "color_diff" else 0, rtol=0)
+    torch.testing.assert_close(views, folded[0], atol=1e-6, rtol=0)   # flip commutes with these ops
+
+
+def test_color_strength_scales_jitter_and_grayscale_as_the_official_color_aug():
+    assert AugmentParams(color_strength="strong").jitter_strengths() == pytest.approx((0.8, 0.8, 0.8, 0.2))
+    assert AugmentParams(color_strength="weak").jitter_strengths() == pytest.approx((0.2, 0.2, 0.2, 0.05))
+    assert AugmentParams(color_strength="strong").effective_grayscale_p() == pytest.approx(0.4)
+    assert AugmentParams(color_strength="weak").effective_grayscale_p() == pytest.approx(0.1)
+    capped = AugmentParams(brightness=0.7, hue=0.3, grayscale_p=0.6, color_strength="strong")
+    assert capped.jitter_strengths() == pytest.approx((1.0, 0.8, 0.8, 0.5)) and capped.effective_grayscale_p() == 1.0
+    # the views use the effective strengths, and ω is normalised by them
+    p = params(jitter_p=1.0, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0, color_strength="strong")
+    x = torch.rand(400, 3, 6, 6, generator=gen(0))
+    views, omega = BatchAugment(p, 6)(x, gen(2))
+    factor = 1 + 2 * 0.8 * omega["color"][:, 0]
+    assert factor.min() < 1 - 0.7 and factor.max() > 1 + 0.7 and omega["color"].abs().max() <= 0.5
+    base = base_views(x, p, 2, size=6)
+    for b in range(0, 400, 37):
+        torch.testing.assert_close(views[b], TF.adjust_brightness(base[b], float(factor[b])), atol=1e-5, rtol=0)
+    _, omega = BatchAugment(AugmentParams(color_strength="strong"), 4)(x, gen(1))
+    assert abs(omega["grayscale"].mean().item() - 0.4) < 0.06
+
+
+def test_color_diff_is_the_channel_mean_before_minus_after_the_jitter(images):
+    p = params(jitter_p=0.5, solarize_p=0.5, grayscale_p=0.5)      # ops after the jitter do not enter it
+    x = images.repeat(4, 1, 1, 1)
+    _, omega = BatchAugment(p, S)(x, gen(8))
+    jittered, _ = BatchAugment(dataclasses.replace(p, solarize_p=0.0, grayscale_p=0.0), S)(x, gen(8))
+    base = base_views(x, p, 8)
+    applied = omega["color_applied"].bool()
+    assert 0 < applied.sum() < len(x)
+    want = base.mean(dim=(2, 3)) - jittered.mean(dim=(2, 3))
+    torch.testing.assert_close(omega["color_diff"], want * applied[:, None].float(), atol=1e-6, rtol=0)
+    assert bool((omega["color_diff"][~applied] == 0).all()) and omega["color_diff"][applied].abs().max() > 1e-2
+    _, off = BatchAugment(params(jitter_p=0.0), S)(x, gen(8))
+    assert bool((off["color_diff"] == 0).all())
+
+
 # --------------------------------------------------------------------------- inputs, randomness, ω format
 def test_uint8_nhwc_and_float_nchw_inputs_give_the_same_views():
     u8 = torch.randint(0, 256, (B, H, W, 3), generator=gen(0), dtype=torch.uint8)
@@ -251,8 +344,8 @@ def test_view_generator_depends_on_every_argument_and_validates():
 
 def test_omega_format(images):
     views, omega = BatchAugment(AugmentParams(blur_p=0.5), S)(images, gen(0))
-    shapes = {"crop": (B, 4), "flip": (B,), "color": (B, 4), "color_applied": (B,), "grayscale": (B,),
-              "blur": (B,), "color_order": (4,)}
+    shapes = {"crop": (B, 4), "flip": (B,), "color": (B, 4), "color_applied": (B,), "color_diff": (B, 3),
+              "grayscale": (B,), "blur": (B,), "solarize": (B,), "rotation": (B,), "color_order": (4,)}
     assert {k: tuple(v.shape) for k, v in omega.items()} == shapes
     for k, v in omega.items():
         assert v.device == images.device
@@ -286,11 +379,13 @@ def test_probabilities_are_respected():
 
 def test_sampled_decisions_survive_the_packed_device_transfer():
     from pipeline.augment import _pack, _unpack
-    s = BatchAugment(AugmentParams(blur_p=0.5), S).sample(7, H, W, gen(0))
-    back = _unpack(_pack(s), s["order"], s)
-    assert list(back) == list(s)
-    for k in s:
-        assert back[k].dtype == s[k].dtype and torch.equal(back[k], s[k]), k
+    for p in (AugmentParams(blur_p=0.5), AugmentParams(blur_p=0.5, rotation_p=0.5, solarize_p=0.5)):
+        s = BatchAugment(p, S).sample(7, H, W, gen(0))
+        back = _unpack(_pack(s), s["order"], s)
+        assert list(back) == list(s)
+        for k in s:
+            assert back[k].dtype == s[k].dtype and torch.equal(back[k], s[k]), k
+    assert {"rotation_k", "solarize", "solarize_threshold"} <= set(s) and s["rotation_k"].dtype == torch.long
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

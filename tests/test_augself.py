@@ -13,23 +13,28 @@ from pipeline.config import ConfigError
 from pipeline.params import AugmentParams, AugSelfParams
 
 ALL = ["crop", "flip", "color", "blur"]
+NEW = ["rotation", "solarize"]
 
 
-def omega(crop, flip, color=None, blur=None) -> dict[str, torch.Tensor]:
+def omega(crop, flip, color=None, blur=None, rotation=None, solarize=None) -> dict[str, torch.Tensor]:
     n = len(crop)
     return {
         "crop": torch.tensor(crop, dtype=torch.float32),
         "flip": torch.tensor(flip, dtype=torch.float32),
         "color": torch.tensor(color if color is not None else [[0.0] * 4] * n, dtype=torch.float32),
         "blur": torch.tensor(blur if blur is not None else [0.0] * n, dtype=torch.float32),
+        "rotation": torch.tensor(rotation if rotation is not None else [0.0] * n, dtype=torch.float32),
+        "solarize": torch.tensor(solarize if solarize is not None else [1.0] * n, dtype=torch.float32),
     }
 
 
 # Sample 0: view 1 flipped, view 2 not.  Sample 1: neither flipped.  Sample 2: both flipped.
 OMEGA1 = omega(crop=[[0.1, 0.2, 0.5, 0.4], [0.0, 0.0, 1.0, 1.0], [0.3, 0.1, 0.2, 0.6]], flip=[1, 0, 1],
-               color=[[0.1, -0.2, 0.3, 0.4], [0, 0, 0, 0], [-0.5, 0.5, 0.0, 0.1]], blur=[0.5, 0.0, 1.0])
+               color=[[0.1, -0.2, 0.3, 0.4], [0, 0, 0, 0], [-0.5, 0.5, 0.0, 0.1]], blur=[0.5, 0.0, 1.0],
+               rotation=[1, 0, 3], solarize=[0.25, 1.0, 0.5])
 OMEGA2 = omega(crop=[[0.3, 0.5, 0.4, 0.2], [0.2, 0.3, 0.6, 0.4], [0.0, 0.4, 0.8, 0.5]], flip=[0, 0, 1],
-               color=[[0.0, 0.0, 0.0, 0.0], [0.2, 0.1, -0.1, -0.3], [0.5, 0.5, 0.5, 0.5]], blur=[0.25, 0.75, 0.0])
+               color=[[0.0, 0.0, 0.0, 0.0], [0.2, 0.1, -0.1, -0.3], [0.5, 0.5, 0.5, 0.5]], blur=[0.25, 0.75, 0.0],
+               rotation=[3, 2, 0], solarize=[1.0, 0.75, 0.1])
 
 
 # --------------------------------------------------------------------------- targets
@@ -72,6 +77,30 @@ def test_flip_color_blur_targets_and_shapes():
     assert list(augself_targets(OMEGA1, OMEGA2, ["color"])) == ["color"]
 
 
+def test_rotation_and_solarize_targets_follow_the_official_extract_diff():
+    t = augself_targets(OMEGA1, OMEGA2, NEW)
+    # rotation: (k1 − k2 + 4) mod 4 = (1 − 3 + 4) % 4, (0 − 2 + 4) % 4, (3 − 0 + 4) % 4
+    assert t["rotation"].dtype == torch.long and t["rotation"].tolist() == [2, 2, 3]
+    torch.testing.assert_close(t["solarize"], torch.tensor([[-0.75], [0.25], [0.4]]))
+    swapped = augself_targets(OMEGA2, OMEGA1, NEW)
+    assert swapped["rotation"].tolist() == [2, 2, 1]         # the inverse rotation, (4 − t) mod 4
+    torch.testing.assert_close(swapped["solarize"], -t["solarize"])
+
+
+def test_rotation_and_solarize_targets_from_batch_augment():
+    aug = BatchAugment(AugmentParams(rotation_p=0.5, solarize_p=0.5), 8)
+    x = torch.rand(400, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    (_, o1), (_, o2) = aug(x, g), aug(x, g)
+    t = augself_targets(o1, o2, NEW)
+    assert set(t["rotation"].tolist()) == {0, 1, 2, 3}
+    # both unrotated → class 0; P(class 0) = P(k1 = k2) = (1/2 + 1/8)² + 3·(1/8)² ≈ 0.44
+    assert 0.34 < (t["rotation"] == 0).float().mean().item() < 0.54
+    both_off = (o1["solarize"] == 1) & (o2["solarize"] == 1)
+    assert 0.15 < both_off.float().mean() < 0.35 and bool((t["solarize"][both_off] == 0).all())
+    assert t["solarize"].abs().max() <= 1.0
+
+
 def test_targets_from_batch_augment_are_in_range():
     aug = BatchAugment(AugmentParams(blur_p=0.5), 8)
     x = torch.rand(64, 3, 12, 12, generator=torch.Generator().manual_seed(0))
@@ -84,8 +113,8 @@ def test_targets_from_batch_augment_are_in_range():
 
 
 def test_unknown_or_empty_augmentations_are_refused():
-    with pytest.raises(ConfigError, match="rotation"):
-        augself_targets(OMEGA1, OMEGA2, ["crop", "rotation"])
+    with pytest.raises(ConfigError, match="cutout"):
+        augself_targets(OMEGA1, OMEGA2, ["crop", "cutout"])
     with pytest.raises(ConfigError, match="empty"):
         AugSelfHead(8, [])
 
@@ -186,6 +215,38 @@ def test_bad_inputs_to_the_head_raise():
         head(f1, f2[:, :5], augself_targets(OMEGA1, OMEGA2, ["crop"]))
 
 
+def test_rotation_head_is_4_way_cross_entropy_and_solarize_is_mse_on_tanh():
+    head = make_head(ALL + NEW)
+    assert head.heads["rotation"][6].out_features == 4 and head.heads["solarize"][6].out_features == 1
+    f1, f2 = features()
+    t12, t21 = augself_targets(OMEGA1, OMEGA2, NEW), augself_targets(OMEGA2, OMEGA1, NEW)
+    losses = head(f1, f2, {**augself_targets(OMEGA1, OMEGA2, ALL), **t12})
+    z = torch.cat([torch.cat([f1, f2], 1), torch.cat([f2, f1], 1)], 0)
+    logits = head.heads["rotation"](z)
+    direct = -F.log_softmax(logits, 1).gather(1, torch.cat([t12["rotation"], t21["rotation"]])[:, None]).mean()
+    torch.testing.assert_close(losses["rotation"], direct)
+    pred = torch.tanh(head.heads["solarize"](z))
+    torch.testing.assert_close(losses["solarize"], ((pred - torch.cat([t12["solarize"], t21["solarize"]])) ** 2).mean())
+    got = head.loss_from_omega(f1, f2, OMEGA1, OMEGA2)
+    for a in NEW:
+        torch.testing.assert_close(got[a], losses[a])
+    with pytest.raises(ValueError, match="class indices"):
+        head(f1, f2, {**augself_targets(OMEGA1, OMEGA2, ALL), **t12, "rotation": torch.zeros(3, 4)})
+
+
+def test_augself_target_for_an_augmentation_that_is_off_is_refused():
+    from pipeline.params import Params
+    for aug, key in (("rotation", "augment.rotation_p"), ("solarize", "augment.solarize_p"),
+                     ("blur", "augment.blur_p"), ("flip", "augment.flip_p")):
+        with pytest.raises(ConfigError, match=rf"augself.augmentations.*{aug!r}.*{key} = 0"):
+            Params(augment=AugmentParams(flip_p=0.0), augself=AugSelfParams(augmentations=["crop", aug]))
+    with pytest.raises(ConfigError, match="augment.jitter_p"):
+        Params(augment=AugmentParams(jitter_p=0.0), augself=AugSelfParams(augmentations=["color"]))
+    ok = Params(augment=AugmentParams(rotation_p=0.5, solarize_p=0.5),
+                augself=AugSelfParams(augmentations=["crop", "rotation", "solarize"]))
+    assert ok.augself.augmentations == ["crop", "rotation", "solarize"]
+
+
 def test_lambda_zero_builds_no_head():
     params = AugSelfParams(augmentations=["crop", "flip"], weights={"flip": 0.5}, hidden_dim=8)
     assert build_augself_head(6, params, 0.0) is None
@@ -207,3 +268,23 @@ def test_losses_are_float32_under_bf16_autocast():
     for a in ALL:
         assert losses[a].dtype == torch.float32
         assert losses[a].item() == pytest.approx(reference[a].item(), rel=0.05)
+
+
+def test_pretraining_with_rotation_and_solarize_targets_logs_their_losses(tmp_path):
+    """The training loop end to end with the two new heads: finite losses, logged under their names."""
+    import dataclasses
+
+    from pipeline.train import pretrain
+    from tests.test_train import tiny_images, tiny_params
+
+    p = tiny_params(epochs=1, log_every=1)
+    p = dataclasses.replace(p, augment=dataclasses.replace(p.augment, rotation_p=0.5, solarize_p=0.5),
+                            augself=dataclasses.replace(p.augself, augmentations=["crop", "rotation", "solarize"]))
+    logs: list[dict] = []
+    res = pretrain(p, "simclr", "augself", tiny_images(16), tmp_path, on_log=lambda s, m: logs.append(m),
+                   device="cpu", progress=False)
+    assert res.finished and logs
+    for m in logs:
+        assert {f"pretrain/loss_augself/{a}" for a in ("crop", "rotation", "solarize")} <= m.keys()
+        # an untrained 4-way head starts near ln 4 (uniform logits); MSE on tanh below 4
+        assert 0.5 < m["pretrain/loss_augself/rotation"] < 3.0 and 0 <= m["pretrain/loss_augself/solarize"] < 4

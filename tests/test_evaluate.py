@@ -288,3 +288,39 @@ def test_augmentation_probe_integration():
         {k: seeing[k] for k in ("crop", "n_train", "n_test")}
     text = format_probe_result(seeing, "toy")
     assert "crop" in text and f"{seeing['crop']['r2']:.3f}" in text
+
+
+def test_augmentation_probe_rotation_accuracy_and_solarize_r2():
+    from pipeline.augment import BatchAugment
+    from pipeline.evaluate.probe import augmentation_probe
+    from pipeline.params import AugmentParams
+
+    class CornerBackbone(nn.Module):
+        """The view's mean colour per quadrant: where the bright corner went tells its rotation."""
+        def forward(self, x):
+            return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+    rng = np.random.default_rng(11)
+    images = rng.uniform(0, 60, (400, 16, 16, 3)).astype(np.uint8)
+    images[:, :6, :6] = 255
+    plain = dict(flip_p=0.0, crop_scale=(0.9, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    params = ProbeParams(images=400, ridge=1.0, test_fraction=0.5)
+    seeing, blind = {}, {}
+    for aug, p in (("rotation", AugmentParams(rotation_p=0.5, **plain)), ("solarize", AugmentParams(solarize_p=0.5, **plain))):
+        augment = BatchAugment(p, out_size=16)
+        seeing.update(augmentation_probe(CornerBackbone(), images, augment, [aug], params, 0, 128))
+        blind.update(augmentation_probe(BlindBackbone(), images, augment, [aug], params, 0, 128))
+    # (k1 − k2) mod 4 from [f1, f2, f1 ⊙ f2]; class 0 (same rotation) is the majority, ~44 %
+    assert seeing["rotation"]["acc"] > 85 and blind["rotation"]["acc"] < blind["rotation"]["chance"] + 10
+    assert 30 < seeing["rotation"]["chance"] < 55
+    assert seeing["solarize"]["r2"] > 0.1 and blind["solarize"]["r2"] < 0.0
+    assert "rotation" in format_probe_result(seeing, "toy")
+
+
+def test_probe_covers_every_augmentation_that_is_on():
+    from pipeline.params import AugmentParams, Params
+    from pipeline.workflow import probe_augmentations
+
+    assert probe_augmentations(Params()) == ["crop", "flip", "color"]
+    on = Params(augment=AugmentParams(blur_p=0.5, rotation_p=0.5, solarize_p=0.5))
+    assert probe_augmentations(on) == ["crop", "flip", "color", "blur", "rotation", "solarize"]

@@ -11,7 +11,7 @@ more augmentation information than the baseline's.  The probe measures it on fro
    each view's own flip flag for the mirrored crop centre);
 4. the pairs are split (seeded) into a train part and a held-out part of ``params.test_fraction``;
    inputs are standardised with the train part's statistics;
-5. crop, colour (and blur): ridge regression (penalty ``params.ridge``, unpenalised intercept) from
+5. crop, colour (and blur, solarize): ridge regression (penalty ``params.ridge``, unpenalised intercept) from
    ``[f1, f2]`` to ω_diff, reported as held-out R² (1 − SS_res/SS_tot per target dimension, averaged
    over the dimensions that vary; a dimension that is constant, e.g. the hue of a zero hue strength,
    is left out);
@@ -20,6 +20,9 @@ more augmentation information than the baseline's.  The probe measures it on fro
    probe therefore adds the element-wise product ``f1 ⊙ f2`` to the inputs (a flip encoded as a
    sign s(v) then gives s1·s2 linearly) and fits an L2 logistic regression (weight ``params.ridge``),
    reported as held-out accuracy (%) next to the majority-class rate (``chance``).
+   rotation: ω_diff is the class (k1 − k2) mod 4 of the relative rotation, again a function of two
+   per-view quantities that no linear map of ``[f1, f2]`` represents, so it is probed like flip: a
+   4-class L2 logistic regression on ``[f1, f2, f1 ⊙ f2]``, held-out accuracy (%) and ``chance``.
 
 R² near 0 means "no linear trace of this augmentation"; it can be negative on the held-out part.
 """
@@ -33,6 +36,9 @@ import torch.nn as nn
 from pipeline.evaluate.features import embed
 from pipeline.evaluate.linear import accuracy, fit_logistic
 from pipeline.params import ProbeParams
+
+# Targets probed as a classification from [f1, f2, f1 ⊙ f2] (see the module docstring); the rest by ridge R².
+PAIRWISE_CLASSIFICATION = ("flip", "rotation")
 
 __all__ = ["standardise", "ridge_r2", "logistic_accuracy", "augmentation_probe", "format_probe_result"]
 
@@ -100,7 +106,7 @@ def augmentation_probe(backbone: nn.Module, images: np.ndarray, augment, augment
     ``images``: uint8 ``(N, H, W, 3)`` (e.g. the pretraining test split); ``augment``: a
     ``BatchAugment`` built with the pretraining ``augment`` params and the model's input size.
     Returns ``{"crop": {"r2": …, "r2_per_dim": […]}, "color": {…}, "flip": {"acc": …, "chance": …},
-    "n_train": …, "n_test": …}`` (blur like crop, when asked for).
+    "n_train": …, "n_test": …}`` (blur and solarize like crop, rotation like flip, when asked for).
     """
     from pipeline.augself import augself_targets   # imported here: the probe is its only user in evaluate/
 
@@ -147,7 +153,7 @@ def augmentation_probe(backbone: nn.Module, images: np.ndarray, augment, augment
     for aug in augmentations:
         target = targets[aug].detach().cpu().double()
         target = target.reshape(count, -1)
-        if aug == "flip":
+        if aug in PAIRWISE_CLASSIFICATION:
             x = torch.cat([f1, f2, f1 * f2], 1)
             results[aug] = logistic_accuracy(x[train], target[train], x[test], target[test], params.ridge)
         else:
