@@ -1,4 +1,4 @@
-"""DVC stage `pretrain_<variant>@<method>`: SSL (+ AugSelf when variant is augself) pretraining.
+"""DVC stage `pretrain@<method>-<variant>`: SSL pretraining of one variant (baseline, augself, cassle).
 
 Runs alone or under ``torchrun --nproc_per_node=N`` (DDP); only rank 0 writes files and logs.
 """
@@ -7,14 +7,13 @@ from pathlib import Path
 
 from pipeline.cli import is_main_process, stage
 from pipeline.config import check_choice
-from pipeline.params import VARIANTS
 from pipeline.workflow import run_pretraining
 
 
 @stage("Pretrain one model (method × variant).", positional=("method", "variant"))
 def main(params, args):
     check_choice("ssl.methods", args.method, params.ssl.methods)
-    check_choice("variant", args.variant, VARIANTS)
+    check_choice("variants", args.variant, params.variants)
     run_pretraining(params, args.method, args.variant, Path("models"), track=is_main_process())
 
 
