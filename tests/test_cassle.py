@@ -274,3 +274,32 @@ def test_ss_only_needs_the_augself_head():
     params = dataclasses.replace(base, augself=dataclasses.replace(base.augself, ss_only=True))
     model, _, _ = build_pretrain_model(params, "simclr", "baseline", SIZE)   # not the augself variant
     assert not model.ss_only and model.head is None
+
+
+# ----------------------------------------------------------------------------------- report
+def test_report_bars_show_cassle_beside_baseline_and_augself():
+    """With CASSLE runs the comparison bars get a third, labelled bar per method (and none without)."""
+    import pandas as pd
+    from matplotlib.patches import Rectangle
+
+    from pipeline.report.plots import bar_figure
+    from pipeline.report.schema import metric_specs, validate_runs
+    from pipeline.report.tables import aggregate
+    from tests.test_report import LINEAR, synthetic_runs
+
+    def bars(runs):
+        runs, _ = validate_runs(runs)
+        specs = [s for s in metric_specs(runs) if s.column in LINEAR]
+        fig = bar_figure(runs, aggregate(runs, specs), specs, 1.0, "t")
+        ax = fig.axes[0]
+        heights = [p.get_height() for p in ax.patches if isinstance(p, Rectangle) and p.get_width() > 0]
+        return heights, [t.get_text() for t in fig.legends[0].get_texts()]
+
+    runs = synthetic_runs(methods=("simclr", "byol"), lambdas=(1.0,), seeds=(0, 1))
+    cassle = runs[runs.variant == "baseline"].assign(variant="cassle", run_id=lambda d: d.run_id + "c")
+    cassle[LINEAR] = cassle[LINEAR] + 10.0
+    two, labels2 = bars(runs)
+    three, labels3 = bars(pd.concat([runs, cassle], ignore_index=True))
+    assert len(two) == 4 and len(three) == 6 and "CASSLE" in labels3 and "CASSLE" not in labels2
+    means = cassle.groupby("method")[LINEAR[0]].mean()
+    assert sorted(three)[-2:] == pytest.approx(sorted(means), rel=1e-9)   # the CASSLE bars are the tallest
