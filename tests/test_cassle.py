@@ -303,3 +303,19 @@ def test_report_bars_show_cassle_beside_baseline_and_augself():
     assert len(two) == 4 and len(three) == 6 and "CASSLE" in labels3 and "CASSLE" not in labels2
     means = cassle.groupby("method")[LINEAR[0]].mean()
     assert sorted(three)[-2:] == pytest.approx(sorted(means), rel=1e-9)   # the CASSLE bars are the tallest
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "presets/cifar10.yaml", "presets/cifar100.yaml", "presets/stl10.yaml"])
+def test_params_files_spell_out_variants_and_their_sections(path):
+    """dvc.yaml interpolates ${variants} and each pretrain stage declares "${item.variant}": a params
+    file (a preset is copied over params.yaml) must write both out; defaults in params.py do not reach DVC."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / path).read_text())
+    assert raw.get("variants"), f"{path}: no variants list"
+    for variant in raw["variants"]:
+        assert variant in raw and isinstance(raw[variant], dict), f"{path}: no '{variant}:' section"
+    assert '"${item.variant}"' in (root / "dvc.yaml").read_text()
