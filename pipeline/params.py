@@ -297,13 +297,17 @@ class Params:
         """Hash of everything that defines a comparable result except seed and λ.
 
         Runs that share it are aggregated together in the report (seeds → mean ± std, λ → curves).
+        ``variants`` and the sections of the variants other than AugSelf (``baseline``, ``cassle``) are
+        left out too: a ``cassle.*`` experiment re-runs only the CASSLE models (dvc.yaml), so the
+        baseline and AugSelf runs must stay in the group the report reads; the report keeps the latest
+        run per (method, variant, λ, seed), i.e. the CASSLE run of the new setting.
         """
         d = to_dict(self)
         d.pop("seed")
         d["augself"].pop("lambda")
         d["ssl"].pop("methods")
-        d.pop("variants")
-        d.pop("tracking")
+        for key in ("variants", "baseline", "cassle", "tracking"):
+            d.pop(key)
         return stable_hash(d)
 
 

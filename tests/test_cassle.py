@@ -319,3 +319,12 @@ def test_params_files_spell_out_variants_and_their_sections(path):
     for variant in raw["variants"]:
         assert variant in raw and isinstance(raw[variant], dict), f"{path}: no '{variant}:' section"
     assert '"${item.variant}"' in (root / "dvc.yaml").read_text()
+
+
+def test_group_hash_ignores_the_cassle_section_and_the_variant_list():
+    """A cassle.* experiment re-runs only the CASSLE models: the baseline and AugSelf runs must stay in
+    the report's group, so neither the cassle section nor the variant list is part of it."""
+    p = Params()
+    changed = dataclasses.replace(p, cassle=dataclasses.replace(p.cassle, width=32), variants=["cassle"])
+    assert changed.group_hash() == p.group_hash()
+    assert dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, epochs=9)).group_hash() != p.group_hash()
