@@ -45,8 +45,9 @@ What this module owns, and the choices made (read from the paper, the README and
   (``feat_dim`` outputs) and add it to / multiply it with them, the projector keeping its width.
   Nothing else about the projector changes (hidden width, depth, last BN of each method).
 * **Which networks are conditioned.**  Only the projector: the predictor of SimSiam / BYOL reads
-  the (conditioned) projection and is not conditioned itself (theirs: ``AugProjector`` only; their
-  ``AugSSPredictor`` is for an AugSelf-style variant we do not build).  Momentum methods (MoCo,
+  the (conditioned) projection and is not conditioned itself (theirs: ``AugProjector``; their
+  ``AugSSPredictor``, which conditions a predictor too behind a separate ``--ss-aug-inj-type``
+  switch, is not part of the CASSLE recipe and is not built here).  Momentum methods (MoCo,
   BYOL): the target projector is the EMA copy of the whole :class:`ConditionedProjector`, ω
   embedding included, and it receives the *target view's own* ω, as their momentum branch does.
 * **No AugSelf loss.**  Their code can add the AugSelf loss to CASSLE, but CASSLE itself is run
