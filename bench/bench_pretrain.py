@@ -6,7 +6,10 @@ calls on a :func:`~pipeline.augment.view_generator`, :func:`~pipeline.train.trai
 ``on_step_end``) and reports
 
 * images/s with λ = 0 (baseline) and λ = 1 (AugSelf head on ``augself.augmentations``), and the
-  AugSelf overhead ``t(λ=1) / t(λ=0) − 1`` in % of step time;
+  AugSelf overhead ``t(λ=1) / t(λ=0) − 1`` in % of step time; ``--variant cassle`` compares the
+  CASSLE variant (projector conditioned on ω, ``cassle`` section) with the baseline instead: the same
+  rows under ``cassle_*`` keys (``step_ms_cassle``, ``cassle_overhead_pct`` ...), written to
+  ``pretrain-<device>-cassle.json``;
 * the share of the baseline step spent in the two augmentation calls;
 * the ceiling: the baseline step fed by views augmented once beforehand (no augmentation cost);
 * the baseline step fed the way the official code feeds it: per-sample torchvision transforms on
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augself-augs", help="comma-separated AugSelf targets for λ = 1 (default: augself.augmentations); "
                                            "rotation / solarize switch their op on at the official p 0.5 "
                                            "for every condition, so the overhead is the heads' alone")
+    ap.add_argument("--variant", choices=("augself", "cassle"), default="augself",
+                    help="the variant timed against the baseline (default augself: λ = 1)")
     ap.add_argument("--no-pil", action="store_true", help="skip the PIL-pipeline rows (they take most of the time)")
     ap.add_argument("--out", help="JSON path (default bench/results/pretrain-<device>.json)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -276,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_pretrain: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{cfg['backbone']} (width {cfg['width']}) {size}x{size}, batch {batch}, amp {cfg['amp']}, "
           f"{args.steps} timed steps in {args.rounds} interleaved rounds, {args.clock} clock; "
-          f"AugSelf augs {params.augself.augmentations}, hidden {params.augself.hidden_dim}; "
+          f"variant {args.variant}: " + (f"AugSelf augs {params.augself.augmentations}, hidden "
+                                         f"{params.augself.hidden_dim}; " if args.variant == "augself" else
+                                         f"CASSLE {params.cassle}; ") +
           f"load average {load_start}",
           flush=True)
 
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in methods:
         base = _Setup(params, method, "baseline", images, dev, 100 * total)
-        aug = _Setup(params, method, "augself", images, dev, 100 * total)
+        aug = _Setup(params, method, args.variant, images, dev, 100 * total)
         pre = base.views(0)                                  # views augmented once: the ceiling
         per_round = _timed_interleaved({"lambda0": base.full_step, "lambda1": aug.full_step, "aug": aug_only,
                                         "ceiling": lambda i: base.step(i, *pre)},
@@ -325,11 +332,22 @@ def main(argv: list[str] | None = None) -> int:
                "images_per_s_preaugmented": batch / t["ceiling"],
                "images_per_s_pil_loader": None if pil is None else batch / t["pil"],
                "speedup_vs_pil_loader": None if pil is None else t["pil"] / t0}
+        if args.variant != "augself":   # the same measurements, named after the variant
+            row = {k.replace("lambda1", args.variant).replace("augself", args.variant): v for k, v in row.items()}
+            row["variant"] = args.variant
+            print(f"{method}: baseline {row['images_per_s_lambda0']:,.0f} img/s, {args.variant} "
+                  f"{row[f'images_per_s_{args.variant}']:,.0f} img/s ({row[f'{args.variant}_overhead_pct']:+.1f}%, "
+                  f"rounds IQR {overhead_q25:+.1f}..{overhead_q75:+.1f}%; FLOPs "
+                  f"{row[f'{args.variant}_flops_pct']:+.1f}%)", flush=True)
+            rows.append(row)
+            continue
         rows.append(row)
         print(f"{method}: λ=0 {row['images_per_s_lambda0']:,.0f} img/s, λ=1 {row['images_per_s_lambda1']:,.0f} img/s "
               f"({row['augself_overhead_pct']:+.1f}%, rounds IQR {overhead_q25:+.1f}..{overhead_q75:+.1f}%; "
               f"FLOPs {row['augself_flops_pct']:+.1f}%), aug share {row['aug_share_pct']:.1f}%", flush=True)
 
+    if args.variant != "augself":
+        return _write_variant_result(args, cfg, dev, device_name, load_start, params, rows, n_img)
     head = (f"{'method':8s} {'λ=0 img/s':>10s} {'λ=1 img/s':>10s} {'AugSelf +%':>10s} {'+% FLOPs':>9s} "
             f"{'aug % step':>10s} {'ceiling':>10s} {'PIL-fed':>10s} {'vs PIL':>7s}")
     print("\n" + head + "\n" + "-" * len(head))
@@ -369,6 +387,33 @@ def main(argv: list[str] | None = None) -> int:
                          "pil_loader_images_per_s": None if speedup is None else batch / t_pil_alone,
                          "speedup": speedup, "batched_ms_per_batch": 1e3 * t_aug},
         "methods": rows, "targets": TARGETS, "checks": checks,
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
+def _write_variant_result(args, cfg, dev, device_name, load_start, params, rows, n_img) -> int:
+    """Table and JSON of a ``--variant`` other than augself (no targets: they are AugSelf's)."""
+    v = args.variant
+    head = f"{'method':8s} {'base img/s':>10s} {v + ' img/s':>12s} {v + ' +%':>10s} {'IQR':>13s} {'+% FLOPs':>9s}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        q25, q75 = r[f"{v}_overhead_pct_iqr"]
+        print(f"{r['method']:8s} {r['images_per_s_lambda0']:10,.0f} {r[f'images_per_s_{v}']:12,.0f} "
+              f"{r[f'{v}_overhead_pct']:10.1f} {q25:+6.1f}..{q75:+5.1f} {r[f'{v}_flops_pct']:9.1f}")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"pretrain-{dev.type}-{v}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "pretrain", "variant": v, "device": str(dev), "device_name": device_name,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "clock": args.clock, "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "config": {**cfg, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                   "cassle": dataclasses.asdict(params.cassle), "images": n_img},
+        "methods": rows,
     }
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

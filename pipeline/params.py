@@ -24,7 +24,12 @@ AUGSELF_AUGMENTATIONS = ("crop", "flip", "color", "blur", "rotation", "solarize"
 AUGMENT_OPS = ("crop", "flip", "color", "solarize", "grayscale", "blur", "rotation")
 # augment.color_strength: the official ``--color-aug`` scale of the jitter strengths and grayscale_p.
 COLOR_STRENGTHS = {"weak": 0.5, "default": 1.0, "strong": 2.0}
-VARIANTS = ("baseline", "augself")
+# Pretraining variants: each has a section of its own in params.yaml (``baseline: {}``, ``augself:``,
+# ``cassle:``) that only its pretrain stages declare.  Adding one: a name here, a section below, a file.
+VARIANTS = ("baseline", "augself", "cassle")
+# CASSLE ω blocks (pipeline.cassle), in the alphabetical order they are concatenated in.
+CASSLE_BLOCKS = ("blur", "color", "color_diff", "crop", "flip", "grayscale")
+CASSLE_INJECTIONS = ("proj-cat", "proj-add", "proj-mul")
 
 
 @dataclass
@@ -209,9 +214,13 @@ class AugSelfParams:
     weights: dict[str, float] = field(default_factory=dict)  # per-augmentation weight (default 1.0)
     hidden_dim: int = 512
     official_flip_mirror: bool = False  # reproduce the official code's use of view 1's flip for view 2
+    ss_only: bool = False               # the official --ss-only ablation: the AugSelf loss alone, no SSL loss
 
     def __post_init__(self):
         check_range("augself.lambda", self.lambda_, 0)
+        if self.ss_only and self.lambda_ == 0:
+            raise ConfigError("augself.ss_only: true with augself.lambda: 0 leaves no loss to train on; "
+                              "set augself.lambda > 0 or augself.ss_only: false")
         if not self.augmentations:
             raise ConfigError(f"augself.augmentations: empty; allowed values: {', '.join(AUGSELF_AUGMENTATIONS)}")
         check_subset("augself.augmentations", self.augmentations, AUGSELF_AUGMENTATIONS)
@@ -221,6 +230,31 @@ class AugSelfParams:
 
     def weight(self, aug: str) -> float:
         return float(self.weights.get(aug, 1.0))
+
+
+@dataclass
+class BaselineParams:
+    """The baseline variant's section (``baseline: {}``): plain SSL, nothing to set.  It exists so that
+    every variant's pretrain stage declares a section of its own (``${item.variant}`` in dvc.yaml)."""
+
+
+@dataclass
+class CassleParams:
+    """CASSLE (pipeline/cassle.py): the projector conditioned on each view's own ω."""
+    conditions: list[str] = field(default_factory=lambda: ["blur", "color", "color_diff", "crop", "grayscale"])
+    injection: str = "proj-cat"         # proj-cat (theirs), proj-add, proj-mul
+    depth: int = 6                      # Linear layers of the ω embedding MLP
+    width: int = 64                     # its hidden (and, for proj-cat, output) width
+
+    def __post_init__(self):
+        if not self.conditions:
+            raise ConfigError(f"cassle.conditions: empty; allowed values: {', '.join(CASSLE_BLOCKS)}")
+        check_subset("cassle.conditions", self.conditions, CASSLE_BLOCKS)
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ConfigError(f"cassle.conditions: {self.conditions} lists a block twice")
+        check_choice("cassle.injection", self.injection, CASSLE_INJECTIONS)
+        check_range("cassle.depth", self.depth, 1)
+        check_range("cassle.width", self.width, 1)
 
 
 @dataclass
@@ -284,10 +318,13 @@ class TrackingParams:
 @dataclass
 class Params:
     seed: int = 0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     data: DataParams = field(default_factory=DataParams)
     ssl: SSLParams = field(default_factory=SSLParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
+    baseline: BaselineParams = field(default_factory=BaselineParams)
     augself: AugSelfParams = field(default_factory=AugSelfParams)
+    cassle: CassleParams = field(default_factory=CassleParams)
     eval: EvalParams = field(default_factory=EvalParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
@@ -300,21 +337,33 @@ class Params:
                                   f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
                                   f"so its target would be constant; set {key} > 0 or remove {aug!r} "
                                   f"from augself.augmentations")
+        if not self.variants:
+            raise ConfigError(f"variants: empty; allowed values: {', '.join(VARIANTS)}")
+        check_subset("variants", self.variants, VARIANTS)
+        if len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"variants: {self.variants} lists a variant twice")
 
     def lambda_for(self, variant: str) -> float:
+        """The AugSelf weight λ of ``variant``: ``augself.lambda`` for AugSelf, 0 for the others
+        (CASSLE is run without the AugSelf loss, as in its paper)."""
         check_choice("variant", variant, VARIANTS)
-        return 0.0 if variant == "baseline" else self.augself.lambda_
+        return self.augself.lambda_ if variant == "augself" else 0.0
 
     def group_hash(self) -> str:
         """Hash of everything that defines a comparable result except seed and λ.
 
         Runs that share it are aggregated together in the report (seeds → mean ± std, λ → curves).
+        ``variants`` and the sections of the variants other than AugSelf (``baseline``, ``cassle``) are
+        left out too: a ``cassle.*`` experiment re-runs only the CASSLE models (dvc.yaml), so the
+        baseline and AugSelf runs must stay in the group the report reads; the report keeps the latest
+        run per (method, variant, λ, seed), i.e. the CASSLE run of the new setting.
         """
         d = to_dict(self)
         d.pop("seed")
         d["augself"].pop("lambda")
         d["ssl"].pop("methods")
-        d.pop("tracking")
+        for key in ("variants", "baseline", "cassle", "tracking"):
+            d.pop(key)
         return stable_hash(d)
 
 

@@ -236,7 +236,7 @@ def _runs_from_mlflow(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFr
 def _runs_from_files(params: Params, models_dir: Path, metrics_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     rows, curves = [], {}
     for method in params.ssl.methods:
-        for variant in ("baseline", "augself"):
+        for variant in params.variants:
             name = model_name(method, variant)
             info_path = models_dir / name / RUN_INFO_FILE
             if not info_path.exists():

@@ -101,6 +101,7 @@ from pipeline import checkpoint as ckpt_io
 from pipeline import distributed
 from pipeline.augment import BatchAugment, view_generator
 from pipeline.augself import build_augself_head
+from pipeline.cassle import Conditioning
 from pipeline.config import ConfigError, check_choice, stable_hash, to_dict
 from pipeline.methods import build_method
 from pipeline.models import build_backbone
@@ -153,7 +154,8 @@ def training_hash(params: Params, method: str, variant: str) -> str:
     ``data.seed``, which fix the images), ``ssl`` without the bookkeeping keys (``methods``,
     ``checkpoint_every``, ``log_every``, ``threads``) and without the other methods' sections,
     ``augment``, this method's parameters, λ, and ``augself`` when λ > 0 (a baseline does not
-    depend on it), and :func:`training_code_fingerprint`: a checkpoint written by other training code
+    depend on it), ``cassle`` for the CASSLE variant (the only one it shapes), and
+    :func:`training_code_fingerprint`: a checkpoint written by other training code
     is never resumed or reused, so fixing a bug in, say, the augmentations retrains the model.
     """
     check_choice("method", method, METHODS)
@@ -172,12 +174,14 @@ def training_hash(params: Params, method: str, variant: str) -> str:
     }
     if lam > 0:
         payload["augself"] = {k: v for k, v in d["augself"].items() if k != "lambda"}
+    if variant == "cassle":
+        payload["cassle"] = d["cassle"]
     return stable_hash(payload)
 
 
 # The modules whose source determines the trained weights (the same list as the pretrain stages'
 # code deps in dvc.yaml, less the glue that only logs and writes files).
-TRAINING_CODE = ("train.py", "augment.py", "augself.py", "models.py", "methods", "distributed.py",
+TRAINING_CODE = ("train.py", "augment.py", "augself.py", "cassle.py", "models.py", "methods", "distributed.py",
                  "checkpoint.py", "data/prepared.py")
 
 
@@ -228,13 +232,23 @@ class PretrainModel(nn.Module):
     One module so that DDP wraps a single forward.  ``forward`` returns ``(total, terms)`` where
     ``terms`` is a 1-d tensor ``[L_SSL, L_aug for aug in augs..., total]`` (unweighted per-aug
     losses) that the loop logs without a host sync.
+
+    ``total = L_SSL + λ·Σ w_a L_a``; with ``ss_only`` (``augself.ss_only``, the official
+    ``--ss-only`` ablation) ``total = λ·Σ w_a L_a``: the SSL loss is still computed and logged but
+    is not part of the total, so no gradient reaches the projector (or predictor) through it.
+    When the method is conditioned (CASSLE), each view's ω is encoded here
+    (:meth:`pipeline.cassle.Conditioning.encode`) and passed to the method with its view.
     """
 
-    def __init__(self, method: nn.Module, head: nn.Module | None, lam: float):
+    def __init__(self, method: nn.Module, head: nn.Module | None, lam: float, ss_only: bool = False):
         super().__init__()
+        if ss_only and head is None:
+            raise ConfigError("augself.ss_only: the AugSelf-only ablation needs the AugSelf head "
+                              "(the augself variant with augself.lambda > 0)")
         self.method = method
         self.head = head
         self.lam = float(lam)
+        self.ss_only = bool(ss_only)
         self.augs: list[str] = list(head.augmentations) if head is not None else []
 
     @property
@@ -243,12 +257,17 @@ class PretrainModel(nn.Module):
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, omega1: dict[str, torch.Tensor],
                 omega2: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.method(v1, v2)
+        conditioning = getattr(self.method, "conditioning", None)
+        if conditioning is not None:
+            out = self.method(v1, v2, conditioning.encode(omega1), conditioning.encode(omega2))
+        else:
+            out = self.method(v1, v2)
         loss_ssl = out.loss.float()
         if self.head is None:
             return loss_ssl, torch.stack([loss_ssl, loss_ssl])
         aug_losses = {a: loss.float() for a, loss in self.head.loss_from_omega(out.f1, out.f2, omega1, omega2).items()}
-        total = loss_ssl + self.lam * self.head.weighted_total(aug_losses)
+        aug_total = self.lam * self.head.weighted_total(aug_losses)
+        total = aug_total if self.ss_only else loss_ssl + aug_total
         per_aug = [aug_losses[a] for a in self.augs]
         return total, torch.stack([loss_ssl, *per_aug, total])
 
@@ -258,16 +277,24 @@ def build_pretrain_model(params: Params, method: str, variant: str, image_size: 
 
     ``backbone_info`` holds the keys of final.pt that describe the architecture.  Parameters are
     initialised from the global torch RNG: seed it first for a reproducible initialisation.
+    The variant decides the rest: ``baseline`` the method alone, ``augself`` the method and the
+    AugSelf head (λ = ``augself.lambda``, ``augself.ss_only``), ``cassle`` the method with its
+    projector conditioned on ω (``cassle`` section, :mod:`pipeline.cassle`) and no AugSelf head.
     """
     ssl = params.ssl
     lam = params.lambda_for(variant)
+    ss_only = variant == "augself" and params.augself.ss_only
+    if ss_only and distributed.world_size() > 1:
+        raise ConfigError("augself.ss_only: not supported under DDP (the projector gets no gradient, which "
+                          "DistributedDataParallel refuses); run it on one process or set augself.ss_only: false")
     cifar_stem = ssl.cifar_stem if ssl.cifar_stem is not None else image_size <= 64
     backbone, feat_dim = build_backbone(ssl.backbone, image_size, ssl.width, cifar_stem)
-    ssl_method = build_method(method, backbone, feat_dim, ssl.method(method))
+    conditioning = Conditioning.from_params(params.cassle) if variant == "cassle" else None
+    ssl_method = build_method(method, backbone, feat_dim, ssl.method(method), conditioning)
     head = build_augself_head(feat_dim, params.augself, lam)
     info = {"backbone_name": ssl.backbone, "width": ssl.width, "cifar_stem": bool(cifar_stem),
             "image_size": int(image_size), "feat_dim": int(feat_dim)}
-    return PretrainModel(ssl_method, head, lam), backbone, info
+    return PretrainModel(ssl_method, head, lam, ss_only), backbone, info
 
 
 def build_optimizer(params: Params, model: PretrainModel, steps_per_epoch: int, total_steps: int):
@@ -481,7 +508,7 @@ def check_request(params: Params, method: str, variant: str) -> None:
     helpers below it take the names as checked.
     """
     check_choice("ssl.methods", method, params.ssl.methods)
-    check_choice("variant", variant, VARIANTS)
+    check_choice("variants", variant, params.variants)
 
 
 # ---------------------------------------------------------------------------- the loop

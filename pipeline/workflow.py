@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
-from pipeline.params import VARIANTS, Params
+from pipeline.params import Params
 from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_results, git_commit, read_run_id,
                                run_tags)
 
@@ -33,7 +33,7 @@ def parse_model(params: Params, model: str) -> tuple[str, str]:
     """'simclr-augself' → ('simclr', 'augself'), validated against ssl.methods and the variants."""
     method, _, variant = model.rpartition("-")
     check_choice("model (<method>-<variant>) method", method, params.ssl.methods)
-    check_choice("model (<method>-<variant>) variant", variant, VARIANTS)
+    check_choice("model (<method>-<variant>) variant", variant, params.variants)
     return method, variant
 
 
@@ -156,7 +156,7 @@ def _load_model(params: Params, models_dir: Path, model: str, device: str):
     if found != expected:
         wrong = ", ".join(f"{k}={found[k]!r} (expected {v!r})" for k, v in expected.items() if found[k] != v)
         raise ValueError(f"{path}: this checkpoint was written for another model: {wrong}; re-create it with "
-                         f"`dvc repro pretrain_{variant}@{method}` (or `dvc checkout {path}`)")
+                         f"`dvc repro pretrain@{method}-{variant}` (or `dvc checkout {path}`)")
     return backbone.to(device).eval(), meta
 
 

@@ -1,4 +1,4 @@
-"""DVC stage `pretrain_<variant>@<method>`: SSL (+ AugSelf when variant is augself) pretraining.
+"""DVC stage `pretrain@<method>-<variant>`: SSL pretraining of one variant (baseline, augself, cassle).
 
 Runs alone or under ``torchrun --nproc_per_node=N`` (DDP); only rank 0 writes files and logs.
 """

@@ -41,13 +41,13 @@ def reproduced(tmp_path_factory) -> Path:
     """A tiny project after one full `dvc repro` with the default SQLite store."""
     project = make_project(tmp_path_factory.mktemp("repro"))
     out = run(["dvc", "repro"], project)
-    assert "pretrain_baseline@simclr" in stages_run(out.stdout)
+    assert {"pretrain@simclr-baseline", "pretrain@simclr-augself", "pretrain@simclr-cassle"} <= stages_run(out.stdout)
     return project
 
 
 def test_repro_writes_models_metrics_report_and_mlflow_runs(reproduced):
     p = reproduced
-    for variant in ("baseline", "augself"):
+    for variant in ("baseline", "augself", "cassle"):
         m = p / "models" / f"simclr-{variant}"
         assert (m / "final.pt").exists() and (m / "checkpoint.pt").exists()
         linear = json.loads((p / "metrics" / f"simclr-{variant}" / "linear.json").read_text())
@@ -56,7 +56,7 @@ def test_repro_writes_models_metrics_report_and_mlflow_runs(reproduced):
         assert "probe/crop/r2" in probe and "probe/color/r2" in probe
     assert (p / "reports" / "index.html").exists() and (p / "reports" / "results.csv").exists()
     runs = by_variant_lambda(mlflow_runs(sqlite_uri(p)))
-    assert set(runs) == {("baseline", 0.0), ("augself", 1.0)}
+    assert set(runs) == {("baseline", 0.0), ("augself", 1.0), ("cassle", 0.0)}
     for (variant, _), rs in runs.items():
         assert len(rs) == 1
         metrics = rs[0].data.metrics
@@ -75,10 +75,10 @@ def test_lambda_experiment_reruns_only_what_lambda_touches(reproduced):
     p = reproduced
     out = run(["dvc", "exp", "run", "-S", "augself.lambda=0.5"], p)
     ran = stages_run(out.stdout)
-    assert ran == {"pretrain_augself@simclr", "features@simclr-augself", "linear@simclr-augself",
+    assert ran == {"pretrain@simclr-augself", "features@simclr-augself", "linear@simclr-augself",
                    "fewshot@simclr-augself", "probe@simclr-augself", "report"}, ran
     runs = by_variant_lambda(mlflow_runs(sqlite_uri(p)))
-    assert {("baseline", 0.0), ("augself", 1.0), ("augself", 0.5)} <= set(runs)
+    assert {("baseline", 0.0), ("augself", 1.0), ("augself", 0.5), ("cassle", 0.0)} <= set(runs)
     assert all(len(v) == 1 for v in runs.values())
     lam = (p / "reports" / "results.csv").read_text()
     assert "0.5" in lam and "1.0" in lam
@@ -126,8 +126,9 @@ def test_queued_lambdas_in_parallel_reach_sqlite_store_once_each(tmp_path):
         assert "linear/cfmnist/class/top1" in runs[("augself", lam)][0].data.metrics
         assert "probe/color/r2" in runs[("augself", lam)][0].data.metrics
         assert runs[("augself", lam)][0].data.tags["dvc_exp"]
-    # The committed baseline is reused by every experiment, not trained again.
+    # The committed baseline and CASSLE models are reused by every experiment, not trained again.
     assert len(runs[("baseline", 0.0)]) == 1 and len(runs[("augself", 1.0)]) == 1
+    assert len(runs[("cassle", 0.0)]) == 1
 
 
 def test_real_mlflow_server(tmp_path):
@@ -137,7 +138,7 @@ def test_real_mlflow_server(tmp_path):
         run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=server.uri)
         run(["dvc", "exp", "run", "-S", "augself.lambda=0.5"], project, MLFLOW_TRACKING_URI=server.uri)
         runs = by_variant_lambda(mlflow_runs(server.uri))
-    assert set(runs) == {("baseline", 0.0), ("augself", 1.0), ("augself", 0.5)}
+    assert set(runs) == {("baseline", 0.0), ("augself", 1.0), ("augself", 0.5), ("cassle", 0.0)}
     for rs in runs.values():
         assert len(rs) == 1 and "fewshot/cfmnist/color/5way1shot" in rs[0].data.metrics
     assert not (project / "mlflow.db").exists()
@@ -147,7 +148,7 @@ def test_sigkill_during_pretraining_resumes_to_the_same_model(tmp_path):
     p = make_project(tmp_path / "killed", {"ssl.epochs": 8})
     run(["dvc", "repro", "prepare@cfmnist"], p)
     ckpt = p / "models" / "simclr-baseline" / "checkpoint.pt"
-    proc = subprocess.Popen(["dvc", "repro", "pretrain_baseline@simclr"], cwd=p, env=env(),
+    proc = subprocess.Popen(["dvc", "repro", "pretrain@simclr-baseline"], cwd=p, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     step = 0
@@ -164,12 +165,12 @@ def test_sigkill_during_pretraining_resumes_to_the_same_model(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (p / "models/simclr-baseline/final.pt").exists()
-    out = run(["dvc", "repro", "pretrain_baseline@simclr"], p)
+    out = run(["dvc", "repro", "pretrain@simclr-baseline"], p)
     assert re.search(r"[Rr]esum\w+ .*step \d+", out.stdout + out.stderr), out.stdout[-3000:]
     resumed = torch.load(p / "models/simclr-baseline/final.pt", map_location="cpu", weights_only=False)
 
     q = make_project(tmp_path / "straight", {"ssl.epochs": 8})
-    run(["dvc", "repro", "pretrain_baseline@simclr"], q)
+    run(["dvc", "repro", "pretrain@simclr-baseline"], q)
     straight = torch.load(q / "models/simclr-baseline/final.pt", map_location="cpu", weights_only=False)
     for k, v in straight["backbone"].items():
         assert torch.equal(v, resumed["backbone"][k]), k

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def project(tmp_path_factory) -> Path:
     """A tiny project with cfmnist prepared and simclr-baseline pretrained."""
     p = make_project(tmp_path_factory.mktemp("reliability"), {"ssl.methods": ["simclr", "simsiam"]})
-    run(["dvc", "repro", "prepare@cfmnist", "pretrain_baseline@simclr"], p)
+    run(["dvc", "repro", "prepare@cfmnist", "pretrain@simclr-baseline"], p)
     return p
 
 

@@ -11,6 +11,9 @@
   ``4 − 2(cos₁ + cos₂)``.  The official code minimises ``−2(cos₁ + cos₂)``: the same gradients, a
   loss 4 lower.
 
+CASSLE (``conditioning``): the target projector is the EMA copy of the whole conditioned projector,
+ω embedding included, and each target gets its own view's ω; the predictor is not conditioned.
+
 Uses ``proj_hidden_dim``, ``proj_dim``, ``pred_hidden_dim``, ``momentum`` of the method params.
 """
 
@@ -34,22 +37,22 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class BYOL(SSLMethod):
     name = "byol"
 
-    def __init__(self, backbone, feat_dim: int, params: MethodParams):
-        super().__init__(backbone, feat_dim)
+    def __init__(self, backbone, feat_dim: int, params: MethodParams, conditioning=None):
+        super().__init__(backbone, feat_dim, conditioning)
         self.base_momentum = params.momentum
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
-                             last_bn=False)
+        self.projector = self.make_projector(params.proj_hidden_dim, params.proj_dim, params.proj_layers,
+                                             last_bn=False)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
         self.target_backbone = momentum_copy(self.backbone)
         self.target_projector = momentum_copy(self.projector)
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> MethodOutput:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, cond1=None, cond2=None) -> MethodOutput:
         f1, f2 = self.backbone(v1), self.backbone(v2)
-        p1 = self.predictor(self.projector(f1))
-        p2 = self.predictor(self.projector(f2))
-        with torch.no_grad():
-            t1 = self.target_projector(self.target_backbone(v1))
-            t2 = self.target_projector(self.target_backbone(v2))
+        p1 = self.predictor(self.project(f1, cond1))       # the predictor itself is not conditioned
+        p2 = self.predictor(self.project(f2, cond2))
+        with torch.no_grad():   # each target gets its own view's ω (CASSLE): the target projector is a conditioned copy
+            t1 = self.project(self.target_backbone(v1), cond1, self.target_projector)
+            t2 = self.project(self.target_backbone(v2), cond2, self.target_projector)
         loss = normalized_mse(p1, t2) + normalized_mse(p2, t1)
         return MethodOutput(loss=loss, f1=f1, f2=f2)
 

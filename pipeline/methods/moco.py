@@ -22,6 +22,9 @@
   SyncBatchNorm (``idist.auto_model(sync_bn=True)``), we let the training loop convert BatchNorms to
   SyncBatchNorm under DDP; on one device the key encoder's BN statistics are those of the key batch.
 
+CASSLE (``conditioning``): the key projector is the momentum copy of the whole conditioned projector,
+ω embedding included, and each key is computed with its own view's ω (``k1`` with ``cond1``).
+
 Uses ``proj_hidden_dim``, ``proj_dim``, ``temperature``, ``queue_size``, ``momentum``,
 ``official_queue`` of the method params.
 """
@@ -33,7 +36,6 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.methods.base import MethodOutput, SSLMethod, ema_update, momentum_copy
-from pipeline.models import mlp
 from pipeline.params import MethodParams
 
 
@@ -54,25 +56,25 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
 class MoCo(SSLMethod):
     name = "moco"
 
-    def __init__(self, backbone, feat_dim: int, params: MethodParams):
-        super().__init__(backbone, feat_dim)
+    def __init__(self, backbone, feat_dim: int, params: MethodParams, conditioning=None):
+        super().__init__(backbone, feat_dim, conditioning)
         self.temperature = params.temperature
         self.momentum = params.momentum
         self.official_queue = params.official_queue
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
-                             last_bn=False)
+        self.projector = self.make_projector(params.proj_hidden_dim, params.proj_dim, params.proj_layers,
+                                             last_bn=False)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(params.queue_size, params.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> MethodOutput:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, cond1=None, cond2=None) -> MethodOutput:
         f1, f2 = self.backbone(v1), self.backbone(v2)
-        q1 = F.normalize(self.projector(f1).float(), dim=1)
-        q2 = F.normalize(self.projector(f2).float(), dim=1)
-        with torch.no_grad():
-            k1 = F.normalize(self.key_projector(self.key_backbone(v1)).float(), dim=1)
-            k2 = F.normalize(self.key_projector(self.key_backbone(v2)).float(), dim=1)
+        q1 = F.normalize(self.project(f1, cond1).float(), dim=1)
+        q2 = F.normalize(self.project(f2, cond2).float(), dim=1)
+        with torch.no_grad():   # each key gets its own view's ω (CASSLE): the key projector is a conditioned copy
+            k1 = F.normalize(self.project(self.key_backbone(v1), cond1, self.key_projector).float(), dim=1)
+            k2 = F.normalize(self.project(self.key_backbone(v2), cond2, self.key_projector).float(), dim=1)
         queue = self.queue.clone()  # the enqueue below must not touch the tensor autograd saved
         loss = 0.5 * (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature))
         if self.training:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.methods.base import MethodOutput, SSLMethod
-from pipeline.models import mlp
 from pipeline.params import MethodParams
 
 
@@ -60,13 +59,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, global_batch
 class SimCLR(SSLMethod):
     name = "simclr"
 
-    def __init__(self, backbone, feat_dim: int, params: MethodParams):
-        super().__init__(backbone, feat_dim)
+    def __init__(self, backbone, feat_dim: int, params: MethodParams, conditioning=None):
+        super().__init__(backbone, feat_dim, conditioning)
         self.temperature = params.temperature
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
-                             last_bn=False)
+        self.projector = self.make_projector(params.proj_hidden_dim, params.proj_dim, params.proj_layers,
+                                             last_bn=False)
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> MethodOutput:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, cond1=None, cond2=None) -> MethodOutput:
         f1, f2 = self.backbone(v1), self.backbone(v2)
-        loss = nt_xent(self.projector(f1), self.projector(f2), self.temperature, global_batch=True)
+        loss = nt_xent(self.project(f1, cond1), self.project(f2, cond2), self.temperature, global_batch=True)
         return MethodOutput(loss=loss, f1=f1, f2=f2)

@@ -29,15 +29,15 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class SimSiam(SSLMethod):
     name = "simsiam"
 
-    def __init__(self, backbone, feat_dim: int, params: MethodParams):
-        super().__init__(backbone, feat_dim)
-        self.projector = mlp(feat_dim, params.proj_hidden_dim, params.proj_dim, num_layers=params.proj_layers,
-                             last_bn=True)
+    def __init__(self, backbone, feat_dim: int, params: MethodParams, conditioning=None):
+        super().__init__(backbone, feat_dim, conditioning)
+        self.projector = self.make_projector(params.proj_hidden_dim, params.proj_dim, params.proj_layers,
+                                             last_bn=True)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim, num_layers=2, last_bn=False)
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> MethodOutput:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, cond1=None, cond2=None) -> MethodOutput:
         f1, f2 = self.backbone(v1), self.backbone(v2)
-        z1, z2 = self.projector(f1), self.projector(f2)
+        z1, z2 = self.project(f1, cond1), self.project(f2, cond2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
         return MethodOutput(loss=loss, f1=f1, f2=f2)

@@ -32,6 +32,7 @@ from pipeline.report.tables import stat_column
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 BASELINE_COLOUR = "#0072B2"
+CASSLE_COLOUR = "#009E73"
 AUGSELF_COLOURS = ["#E69F00", "#D55E00", "#CC79A7", "#009E73", "#56B4E9", "#F0E442", "#000000"]
 METHOD_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 STYLE = {
@@ -97,17 +98,21 @@ def _summary_row(summary: pd.DataFrame, method: str, variant: str, lam: float) -
 
 def bar_figure(runs: pd.DataFrame, summary: pd.DataFrame, specs: list[MetricSpec], ref_lambda: float | None,
                title: str) -> Figure:
-    """One subplot per metric: per method a baseline and an AugSelf (λ = ``ref_lambda``) bar.
+    """One subplot per metric: per method a baseline and an AugSelf (λ = ``ref_lambda``) bar, and a
+    CASSLE bar when there are CASSLE runs.
 
-    ``ref_lambda`` None (no AugSelf run) draws the baseline bars alone.
+    ``ref_lambda`` None (no AugSelf run) draws no AugSelf bars.
     """
     methods = method_order(summary["method"])
     fig, axes = _grid(len(specs), title=title)
-    width = 0.38
-    configs = [("baseline", 0.0, BASELINE_COLOUR, "", -width / 2),
-               ("augself", ref_lambda, AUGSELF_COLOURS[0], "//", width / 2)]
-    if ref_lambda is None:
-        configs = configs[:1]
+    has_cassle = bool((summary["variant"] == "cassle").any())
+    bars = [("baseline", 0.0, BASELINE_COLOUR, "")]
+    if ref_lambda is not None:
+        bars.append(("augself", ref_lambda, AUGSELF_COLOURS[0], "//"))
+    if has_cassle:
+        bars.append(("cassle", 0.0, CASSLE_COLOUR, ".."))
+    width = 0.76 / max(2, len(bars))
+    configs = [(*bar, (i - (len(bars) - 1) / 2) * width) for i, bar in enumerate(bars)]
     for ax, spec in zip(axes, specs):
         x = np.arange(len(methods))
         lo, hi = 0.0, 0.0
@@ -151,6 +156,8 @@ def bar_figure(runs: pd.DataFrame, summary: pd.DataFrame, specs: list[MetricSpec
     if ref_lambda is not None:
         handles.append(Patch(facecolor=AUGSELF_COLOURS[0], hatch="//", edgecolor="white",
                              label=f"AugSelf (λ = {lambda_label(ref_lambda)})"))
+    if has_cassle:
+        handles.append(Patch(facecolor=CASSLE_COLOUR, hatch="..", edgecolor="white", label="CASSLE"))
     handles += [Line2D([], [], marker="o", linestyle="", color="black", markersize=4, label="one seed"),
                 Line2D([], [], color="#333333", label="± std over seeds")]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
