@@ -168,7 +168,7 @@ def _features(params: Params, features_dir: Path, model: str) -> Iterator[tuple[
         path = Path(features_dir) / model / f"{name}.npz"
         if not path.exists():
             raise FileNotFoundError(f"{path}: features not extracted; run `dvc repro features@{model}`")
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         for task in entry.tasks:
             yield name, task, arrays
