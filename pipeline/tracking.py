@@ -354,7 +354,15 @@ class Tracker:
             self.client.set_tag(run_id, MODEL_ID_TAG, info.model_id)
             return info.model_id
 
-        return self._safe("log the backbone as an MLflow model", log)
+        if not self.enabled or self.failed:
+            return None
+        try:  # not through _safe: a model that cannot be exported must not stop the rest of the run's logging
+            return log()
+        except Exception as e:  # noqa: BLE001
+            print(f"WARNING: could not log {final_path} as an MLflow model ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300] if str(e) else ''}); the run, its metrics and final.pt (DVC) "
+                  f"are unaffected", file=sys.stderr, flush=True)
+            return None
 
     def model_id(self, run_id: str | None) -> str | None:
         """The LoggedModel of the run's final backbone (None before pretraining logged one)."""
