@@ -9,6 +9,16 @@ mix; the temporary file is removed on failure.
 
 The file is flushed and ``fsync``-ed before the rename so that the rename cannot reach the disk
 before the data does (otherwise a power loss could leave a complete-looking but empty file).
+
+Loading never runs code: :func:`load` uses ``torch.load(weights_only=True)``, PyTorch's restricted
+unpickler, which rebuilds only tensors, storages and plain containers (dict, list, tuple, str, int,
+float, bool, None).  Models travel between clones through the DVC remote and out of MLflow, so a
+``checkpoint.pt`` / ``final.pt`` is input from elsewhere; with full unpickling a crafted file would run
+arbitrary code on the machine that evaluates it.  Everything the pipeline saves fits the restricted
+set as it is (RNG states are ``ByteTensor`` objects, the loss history is lists of floats, optimiser and
+scheduler states are tensors and numbers), so no extra types are registered with
+``torch.serialization.add_safe_globals``; a file that holds anything else is refused with
+:class:`UnsafeCheckpointError`, naming the file.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -66,13 +77,39 @@ def _write_atomic(path: str | Path, write: Callable[[Any], Any]) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_atomic` (or any trusted ``torch.save`` file).
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds pickled Python objects besides tensors and plain containers."""
 
-    ``weights_only=False`` because our checkpoints hold plain Python containers next to tensors
-    (RNG states, metric history); only load files this pipeline wrote.
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_atomic` without running any code it may carry.
+
+    Raises FileNotFoundError for a missing file, :class:`UnsafeCheckpointError` (a ValueError) for a
+    file whose pickle names anything beyond tensors and plain containers, and ValueError for a file
+    that is not a torch checkpoint at all; every message names the file and the fix.  The stages turn
+    a ValueError into one ``error:`` line and exit status 2.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found; run the pretrain stage first")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch wraps the restricted unpickler's complaint in a long generic text: keep its one useful line.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+        why = why[why.find("Unsupported"):] if "Unsupported" in why else why
+        why = why.split(". Please use")[0][:300]
+        if "global" in why.lower():
+            raise UnsafeCheckpointError(
+                f"{path}: cannot be read safely: refused, it holds pickled Python objects that are not tensors "
+                f"or plain containers ({why}); such a file can run code when unpickled, so it is never loaded. "
+                f"Re-create it with `dvc repro` (pretrain stage) or fetch the pipeline's own file with "
+                f"`dvc pull`") from None
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint (UnpicklingError: {why}); "
+                         f"re-create it with `dvc repro` (pretrain stage)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
+        # truncated zip archives, foreign formats, legacy files
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''}); re-create it with `dvc repro` "
+                         f"(pretrain stage)") from None

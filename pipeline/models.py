@@ -167,10 +167,10 @@ def load_backbone(path_or_state: str | Path | Mapping[str, Any],
         where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such checkpoint; run the pretrain stage (dvc repro) first")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # pickle errors, truncated files, foreign formats
-            raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
+        from pipeline.checkpoint import load as load_checkpoint
+
+        # weights_only: a final.pt carrying pickled code is refused (UnsafeCheckpointError), never run
+        ckpt = load_checkpoint(path, map_location=map_location)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{where}: not a final.pt of this project (holds a {type(ckpt).__name__}, "
                          f"expected a dict with keys {', '.join(CHECKPOINT_KEYS)})")

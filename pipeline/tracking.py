@@ -8,6 +8,27 @@
   id to ``models/<method>-<variant>/mlflow_run_id``; evaluation stages log into that same run.
 * Runs of one configuration share the tag ``group`` (hash of all params except seed, λ and the method
   list), so the MLflow UI's compare view and the report line them up by method and λ.
+* The experiment carries ``mlflow.experimentKind = custom_model_development`` (set on creation and on
+  an existing experiment that lacks it): without it MLflow 3's UI opens on the GenAI overview (traces,
+  tokens) instead of the runs table.
+* One parent run per configuration group (tag ``group_run = <group>``, run name ``group <group>``, the
+  group's params logged on it); every model run is nested under it (``mlflow.parentRunId``), so the UI's
+  tree lines the runs of one ``dvc repro`` / study up by method, variant, λ and seed.  The parent does
+  not carry the ``group`` tag itself, so the report's ``tags.group`` query reads model runs only.
+* Inputs: the prepared datasets are logged with :meth:`Tracker.log_datasets` (context ``pretraining`` /
+  ``evaluation``), name = dataset, digest = the first 16 hex digits of a sha256 over meta.json's
+  sha256 of the split files that context reads (:func:`context_splits`; MLflow's digest column holds 36
+  characters; the full per-file hashes are in the dataset's profile).
+* Output: the final backbone as an MLflow model (:meth:`Tracker.log_backbone`), a LoggedModel whose
+  metrics are the evaluation results (the evaluation stages log each metric with its ``model_id`` and,
+  where the key names one, its dataset).  It is saved in PyTorch's ``pt2`` format (``torch.export``):
+  the weights as raw tensors plus the traced graph, which MLflow checks to be free of pickles before it
+  loads it; MLflow's other format pickles the ``nn.Module`` (code runs on load) and is not used.  The
+  weights are stored once in MLflow (the ``final.pt`` is not uploaded as a run artifact besides);
+  ``final.pt`` lives in DVC (cache + remote).
+* System metrics (CPU, memory, disk, network; GPU through pynvml) are sampled on pretraining runs by
+  MLflow's ``SystemMetricsMonitor`` when ``psutil`` is importable, and skipped otherwise (GPU metrics
+  only when ``pynvml`` is); ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` sets the period (default 10 s).
 * MLflow is never allowed to lose work: every call goes through :meth:`Tracker._safe`; on failure the
   stage prints one clear message and carries on, since every metric is also written to files under
   ``metrics/`` and ``models/`` that the report can read without MLflow.
@@ -15,6 +36,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +59,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 RUN_ID_FILE = "mlflow_run_id"
 RUN_INFO_FILE = "run.json"
 TAG_KEYS = ("method", "variant", "lambda", "seed", "group", "commit", "dvc_exp")
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+GROUP_RUN_TAG = "group_run"          # on a configuration group's parent run: the group hash
+MODEL_ID_TAG = "model_id"            # on a model run: the LoggedModel of its final backbone
+DATASET_DIGEST_CHARS = 16
 
 
 def project_root() -> Path:
@@ -56,6 +83,48 @@ def project_root() -> Path:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` as a reader of the committed report should see it: the default store inside the project
+    as ``sqlite:///mlflow.db`` (relative to the project root), not the building machine's absolute path;
+    any other URI (a server) unchanged."""
+    local = f"sqlite:///{project_root() / 'mlflow.db'}"
+    return "sqlite:///mlflow.db" if uri == local else uri
+
+
+def dataset_digest(sha256: dict[str, str]) -> str:
+    """A short digest of a prepared dataset from meta.json's per-file sha256 (order independent)."""
+    text = "\n".join(f"{name}:{digest}" for name, digest in sorted(sha256.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:DATASET_DIGEST_CHARS]
+
+
+def context_splits(meta: dict, context: str) -> list[str]:
+    """The splits of a prepared dataset that a ``pretraining`` / ``evaluation`` run reads.
+
+    Pretraining reads meta.json's ``pretrain_splits`` (STL-10: train + unlabeled), evaluation the
+    labelled train and test splits (the probe only test; it is logged with the evaluation dataset).  The
+    digest is taken over those files, so the two contexts are two datasets to MLflow, which keeps one
+    input (one context) per dataset and run.
+    """
+    if context == "pretraining":
+        return list(meta["pretrain_splits"])
+    return [split for split in ("train", "test") if split in meta["splits"]]
+
+
+def system_metrics_available() -> bool:
+    """MLflow's CPU/memory sampler needs psutil (GPU sampling additionally pynvml, checked by MLflow)."""
+    return importlib.util.find_spec("psutil") is not None
+
+
+def group_params(params: Params) -> dict[str, str]:
+    """The flattened params that define a configuration group (all but seed, λ, methods, tracking)."""
+    d = to_dict(params)
+    d.pop("seed")
+    d["augself"].pop("lambda")
+    d["ssl"].pop("methods")
+    d.pop("tracking")
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(d).items()}
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -91,6 +160,7 @@ class Tracker:
         self.enabled = params.tracking.enabled if enabled is None else enabled
         self.failed = False
         self._client = None
+        self._monitor = None
 
     # -- plumbing -----------------------------------------------------------------------------
     @property
@@ -133,12 +203,47 @@ class Tracker:
         # stage runs in (a queued experiment's temporary copy): pin them to the project root instead.
         artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlartifacts").as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifacts)
+            return self.client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created concurrently by another stage: read it back
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def experiment_id(self) -> str:
+        """The project's experiment, created when missing; tags an existing one with the experiment kind."""
+        exp = self.client.get_experiment_by_name(self.params.tracking.experiment)
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+        return self._experiment_id()
+
+    def group_run_id(self, experiment_id: str, group: str) -> str:
+        """The parent run of configuration ``group``, created (finished, with the group's params) when missing.
+
+        Two stages creating it at once (``dvc queue start -j 2``) would make two: after creating one we
+        search again and keep the oldest, deleting ours if another came first.
+        """
+        def find() -> list:
+            return self.client.search_runs([experiment_id], filter_string=f"tags.{GROUP_RUN_TAG} = '{group}'",
+                                           order_by=["attributes.start_time ASC"], max_results=5)
+
+        found = find()
+        if found:
+            return found[0].info.run_id
+        from mlflow.entities import Param
+
+        run = self.client.create_run(experiment_id, run_name=f"group {group}", tags={
+            GROUP_RUN_TAG: group,
+            "mlflow.note.content": f"Configuration group {group}: the runs nested here share every param but "
+                                   f"seed, augself.lambda and ssl.methods (those are on each run)."})
+        batch = [Param(k, v) for k, v in group_params(self.params).items()]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(run.info.run_id, params=batch[i:i + 100])
+        self.client.set_terminated(run.info.run_id)
+        first = find()[0].info.run_id
+        if first != run.info.run_id:
+            self.client.delete_run(run.info.run_id)
+        return first
 
     # -- API used by the stages ---------------------------------------------------------------
     def start_model_run(self, method: str, variant: str, reuse_run_id: str | None = None) -> str | None:
@@ -149,7 +254,9 @@ class Tracker:
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id
             tags = run_tags(self.params, method, variant)
-            run = self.client.create_run(self._experiment_id(), tags=tags, run_name=tags["mlflow.runName"])
+            experiment = self.experiment_id()
+            tags["mlflow.parentRunId"] = self.group_run_id(experiment, tags["group"])
+            run = self.client.create_run(experiment, tags=tags, run_name=tags["mlflow.runName"])
             flat = flatten(to_dict(self.params))
             from mlflow.entities import Param
 
@@ -160,14 +267,133 @@ class Tracker:
 
         return self._safe("create the model's run", create)
 
-    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None,
+                    model_id: str | None = None, datasets: dict[str, str] | None = None) -> None:
+        """Log ``metrics`` into the run; with ``model_id`` also onto that LoggedModel, each metric whose key
+        is ``<protocol>/<dataset>/...`` linked to ``datasets[<dataset>]`` (its digest) when given."""
         if not run_id or not metrics:
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        datasets = datasets or {}
+
+        def metric(k: str, v: float) -> Metric:
+            name = k.split("/")[1] if k.count("/") >= 2 else None
+            linked = {"dataset_name": name, "dataset_digest": datasets[name]} if model_id and name in datasets else {}
+            return Metric(k, float(v), ts, step or 0, model_id=model_id, **linked)
+
+        batch = [metric(k, v) for k, v in metrics.items() if v is not None]
         self._safe("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
+
+    def log_datasets(self, run_id: str | None, prepared_root: Path, names: list[str], context: str) -> dict[str, str]:
+        """Log the prepared datasets ``names`` as the run's inputs (``mlflow.data.context`` = ``context``).
+
+        Returns {name: digest} of those logged.  The source is the prepared folder as DVC tracks it; the
+        profile holds the splits, image size, tasks and meta.json's full per-file sha256.
+        """
+        if not run_id:
+            return {}
+
+        def log() -> dict[str, str]:
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            from pipeline.data.prepared import load_meta
+
+            inputs, digests = [], {}
+            for name in names:
+                try:
+                    meta = load_meta(prepared_root, name)
+                except FileNotFoundError:  # not prepared here (a test, a stage run by hand): nothing to log
+                    continue
+                splits = context_splits(meta, context)
+                sha = {f"{split}.npz": meta["sha256"][f"{split}.npz"] for split in splits}
+                digests[name] = dataset_digest(sha)
+                profile = {"splits": {split: meta["splits"][split] for split in splits}, "sha256": sha,
+                           "image_size": meta["image_size"],
+                           "tasks": {t: v["num_classes"] for t, v in meta["tasks"].items()}}
+                dataset = Dataset(name=name, digest=digests[name], source_type="local",
+                                  source=json.dumps({"uri": str(Path(prepared_root) / name)}),
+                                  profile=json.dumps(profile, sort_keys=True))
+                inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+            if inputs:
+                self.client.log_inputs(run_id, datasets=inputs)
+            return digests
+
+        return self._safe(f"log the {context} datasets", log) or {}
+
+    def log_backbone(self, run_id: str | None, final_path: Path, name: str) -> str | None:
+        """Log ``final.pt``'s backbone as the run's MLflow model (``pt2``: no pickles); returns its model id.
+
+        Loading it: ``mlflow.pytorch.load_model("models:/<model_id>")`` returns the backbone as an
+        exported module taking normalised ``(B, 3, S, S)`` float images (any batch size, the trained size
+        ``S``); normalisation and sizes are in the model's metadata.
+        """
+        if not run_id:
+            return None
+
+        def log() -> str:
+            import mlflow
+            import numpy as np
+            import torch
+
+            from pipeline.models import load_backbone
+
+            backbone, meta = load_backbone(final_path)
+            size = int(meta["image_size"])
+            mlflow.set_tracking_uri(tracking_uri())
+            keep = ("backbone_name", "width", "cifar_stem", "image_size", "feat_dim", "method", "variant",
+                    "lambda", "mean", "std", "params_hash")
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    backbone, name=name, serialization_format="pt2",
+                    input_example=np.zeros((2, 3, size, size), np.float32),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    params={k: str(meta[k]) for k in ("method", "variant", "lambda", "backbone_name")},
+                    metadata={k: meta[k] for k in keep if k in meta})
+            self.client.set_tag(run_id, MODEL_ID_TAG, info.model_id)
+            return info.model_id
+
+        if not self.enabled or self.failed:
+            return None
+        try:  # not through _safe: a model that cannot be exported must not stop the rest of the run's logging
+            return log()
+        except Exception as e:  # noqa: BLE001
+            print(f"WARNING: could not log {final_path} as an MLflow model ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300] if str(e) else ''}); the run, its metrics and final.pt (DVC) "
+                  f"are unaffected", file=sys.stderr, flush=True)
+            return None
+
+    def model_id(self, run_id: str | None) -> str | None:
+        """The LoggedModel of the run's final backbone (None before pretraining logged one)."""
+        if not run_id:
+            return None
+        return self._safe("read the run's model id", lambda: self.client.get_run(run_id).data.tags.get(MODEL_ID_TAG))
+
+    def start_system_metrics(self, run_id: str | None) -> bool:
+        """Sample CPU/memory/disk/network (+GPU with pynvml) into the run until :meth:`end_run`."""
+        if not run_id or not self.enabled or self.failed or not system_metrics_available():
+            return False
+
+        def start():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri())
+            monitor.start()
+            return monitor
+
+        self._monitor = self._safe("start the system metrics monitor", start)
+        return self._monitor is not None
+
+    def move_to_group(self, run_id: str | None, group: str) -> None:
+        """Re-tag a model run with ``group`` and nest it under that group's parent run."""
+        if not run_id:
+            return
+        def move():
+            parent = self.group_run_id(self.experiment_id(), group)
+            self.client.set_tag(run_id, "group", group)
+            self.client.set_tag(run_id, "mlflow.parentRunId", parent)
+        self._safe("move the run to its configuration group", move)
 
     def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
         if run_id:
@@ -178,6 +404,9 @@ class Tracker:
             self._safe(f"upload {path}", lambda: self.client.log_artifact(run_id, str(path)))
 
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            self._safe("stop the system metrics monitor", monitor.finish)
         if run_id:
             self._safe("end the run", lambda: self.client.set_terminated(run_id, status=status))
 

@@ -79,7 +79,6 @@ Conventions
 from __future__ import annotations
 
 import csv
-import hashlib
 import functools
 import hashlib
 import math
@@ -106,7 +105,7 @@ from pipeline.config import ConfigError, check_choice, stable_hash, to_dict
 from pipeline.methods import build_method
 from pipeline.models import build_backbone
 from pipeline.monitor import KnnMonitor, MonitorData
-from pipeline.params import METHODS, VARIANTS, Params
+from pipeline.params import METHODS, Params
 
 __all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "checkpoint_resumable", "PretrainModel",
            "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",

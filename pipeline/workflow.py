@@ -19,8 +19,8 @@ import numpy as np
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.params import Params
-from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_results, git_commit, read_run_id,
-                               run_tags)
+from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_results, display_uri, git_commit,
+                               read_run_id, tracking_uri)
 
 
 def default_device() -> str:
@@ -61,6 +61,10 @@ def check_fewshot_feasible(params: Params) -> None:
             counts = np.bincount(labels)
             counts = counts[counts > 0]
             usable = int((counts >= need).sum())
+            if len(counts) < fs.ways:
+                raise ConfigError(
+                    f"eval.fewshot: {fs.ways}-way episodes need {fs.ways} classes, but {name}/{task} has only "
+                    f"{len(counts)}; allowed: eval.fewshot.ways <= {len(counts)}")
             if usable < fs.ways:
                 raise ConfigError(
                     f"eval.fewshot: {fs.ways}-way episodes with K={max(fs.shots)} shots + {fs.queries} queries need "
@@ -102,8 +106,10 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     resuming = checkpoint_resumable(params, method, variant, out_dir)
     run_id = tracker.start_model_run(method, variant, reuse_run_id=read_run_id(out_dir) if resuming else None)
     if track:
+        # machine-local (gitignored, not a DVC output): which run of this machine's store to log into
         (out_dir / RUN_ID_FILE).write_text(run_id or "")
-    started = time.time()
+    tracker.log_datasets(run_id, Path(params.data.prepared), [params.data.pretrain], "pretraining")
+    tracker.start_system_metrics(run_id)
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(run_id, metrics, step=step)
@@ -123,24 +129,33 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     tracker.log_artifact(run_id, out_dir / "losses.csv")
     tracker.log_artifact(run_id, out_dir / "monitor.csv")         # absent (skipped) when the monitor is off
     tracker.set_tags(run_id, {"checkpoint": str((out_dir / "final.pt").resolve())})
+    if result.finished:
+        tracker.log_backbone(run_id, out_dir / "final.pt", f"{method}-{variant}")
     tracker.end_run(run_id)
-    info = {k: v for k, v in run_tags(params, method, variant).items() if not k.startswith("mlflow.")}
-    info.update({"lambda": params.lambda_for(variant), "seed": params.seed, "run_id": run_id or "",
-                 "start_time": started, "commit": git_commit()})
-    write_json(out_dir / RUN_INFO_FILE, info)
+    # run.json is committed (a DVC output with cache: false): only what the params determine, so a repro
+    # that reproduces rewrites the same bytes.  Run ids, start times and commits live in MLflow.
+    write_json(out_dir / RUN_INFO_FILE, {"method": method, "variant": variant, "lambda": params.lambda_for(variant),
+                                         "seed": params.seed, "group": params.group_hash()})
     return metrics
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float]) -> None:
+def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float],
+                      datasets: list[str] | None = None) -> None:
     """Log evaluation metrics into the model's run and move the run to the current config ``group``:
     when only ``eval.*`` changed, DVC re-runs the evaluation of the same model, so the run now holds
     metrics of the current configuration and the report must find it there (its parameters, logged
-    when the run was created, keep the values it was trained with)."""
+    when the run was created, keep the values it was trained with).
+
+    ``datasets`` (default: every downstream dataset) are logged as the run's ``evaluation`` inputs, and
+    the metrics also onto the model's LoggedModel, linked to the dataset their key names."""
     tracker = Tracker(params)
     run_id = read_run_id(Path(models_dir) / model)
-    tracker.log_metrics(run_id, metrics)
-    tracker.set_tags(run_id, {"group": params.group_hash()})
+    if datasets is None:
+        datasets = [name for name, entry in params.data.datasets.items() if entry.tasks]
+    digests = tracker.log_datasets(run_id, Path(params.data.prepared), datasets, "evaluation")
+    tracker.log_metrics(run_id, metrics, model_id=tracker.model_id(run_id), datasets=digests)
+    tracker.move_to_group(run_id, params.group_hash())
     tracker.end_run(run_id)
 
 
@@ -192,7 +207,7 @@ def _features(params: Params, features_dir: Path, model: str) -> Iterator[tuple[
         path = Path(features_dir) / model / f"{name}.npz"
         if not path.exists():
             raise FileNotFoundError(f"{path}: features not extracted; run `dvc repro features@{model}`")
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         for task in entry.tasks:
             yield name, task, arrays
@@ -268,7 +283,7 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
             key = "acc" if "acc" in r else "r2"
             metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
     write_json(Path(metrics_dir) / model / "probe.json", metrics)
-    _log_to_model_run(params, models_dir, model, metrics)
+    _log_to_model_run(params, models_dir, model, metrics, datasets=[params.data.pretrain])
     print(format_probe_result(res, title=f"{model}: augmentation probe"))
     _said("probe", f"{model}: ridge maps to {', '.join(probe_augmentations(params))} from "
                    f"{params.eval.probe.images} view pairs of {params.data.pretrain}", t0)
@@ -292,7 +307,7 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "params": flatten(to_dict(params)),
         "params_file": str(params_path),
-        "source": source,
+        "source": source.replace(tracking_uri(), display_uri(tracking_uri())),   # no machine paths in reports/
         "command": "dvc repro (seed 0) + dvc exp run --queue -S seed=N; dvc queue start; dvc repro -f -s report",
     }
     paths = build_report(runs, curves, Path(out_dir), context)

@@ -37,4 +37,10 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# AUGSELF_DVC_REMOTE: where this clone's `dvc push` / `dvc pull` go (default: .dvc/config's
+# ../augself-dvc-remote beside the repository); kept in .dvc/config.local, which git ignores.
+if [ -n "${AUGSELF_DVC_REMOTE:-}" ]; then
+  .venv/bin/dvc remote modify --local local url "$AUGSELF_DVC_REMOTE"
+  echo "setup: DVC remote 'local' → $AUGSELF_DVC_REMOTE (in .dvc/config.local)"
+fi
 echo "setup: ok ($(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'))"

@@ -132,4 +132,5 @@ def mlflow_runs(uri: str, experiment: str = "augself"):
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+    runs = [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if "group_run" not in r.data.tags]   # model runs, not their groups' parent runs

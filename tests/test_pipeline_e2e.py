@@ -75,7 +75,7 @@ def test_lambda_experiment_reruns_only_what_lambda_touches(reproduced):
     p = reproduced
     out = run(["dvc", "exp", "run", "-S", "augself.lambda=0.5"], p)
     ran = stages_run(out.stdout)
-    assert ran == {"pretrain@simclr-augself", "features@simclr-augself", "linear@simclr-augself",
+    assert ran == {"validate", "pretrain@simclr-augself", "features@simclr-augself", "linear@simclr-augself",
                    "fewshot@simclr-augself", "probe@simclr-augself", "report"}, ran
     runs = by_variant_lambda(mlflow_runs(sqlite_uri(p)))
     assert {("baseline", 0.0), ("augself", 1.0), ("augself", 0.5), ("cassle", 0.0)} <= set(runs)

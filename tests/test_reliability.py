@@ -43,9 +43,9 @@ def test_nan_loss_stops_with_step_and_term_keeps_checkpoint_and_exits_3(project,
     assert "step 3" in out.stderr and "augself/crop" in out.stderr
     assert "Traceback" not in out.stderr
     assert (out_dir / "checkpoint.pt").exists() and not (out_dir / "final.pt").exists()
-    import torch
+    import pipeline.checkpoint as ckpt_io
 
-    assert torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 2
+    assert ckpt_io.load(out_dir / "checkpoint.pt")["step"] == 2
     shutil.rmtree(out_dir)
 
 

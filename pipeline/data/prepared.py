@@ -123,9 +123,13 @@ def load_split(prepared_root: str | Path, name: str, split: str, verify: bool = 
     if verify and sha256_file(path) != meta["sha256"][path.name]:
         raise ValueError(f"{path}: sha256 differs from {META}; the file changed after preparing: "
                          f"run `dvc repro prepare@{name}`")
-    with np.load(path) as z:
-        images = z["images"]
-        labels = {key[len("labels_"):]: z[key] for key in z.files if key.startswith("labels_")}
+    try:  # allow_pickle=False: an object array (a pickle) in a prepared file is refused, never unpickled
+        with np.load(path, allow_pickle=False) as z:
+            images = z["images"]
+            labels = {key[len("labels_"):]: z[key] for key in z.files if key.startswith("labels_")}
+    except ValueError as e:
+        raise ValueError(f"{path}: refused, it holds pickled objects ({e}); prepared files hold only numeric "
+                         f"arrays: run `dvc repro prepare@{name}`") from None
     return Split(images, labels, meta)
 
 
