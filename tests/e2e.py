@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -51,6 +52,10 @@ def env(**extra) -> dict:
     # Tiny models: one thread each, so the stages a queue runs side by side (-j 2) do not oversubscribe
     # the 2-core CI machine (spinning OpenMP threads make that many times slower).
     e["OMP_NUM_THREADS"] = "1"
+    # CPU only: the determinism these tests assert (bit-identical reruns and resumes) is what
+    # docs/reliability.md guarantees on the CPU, not on a GPU (cuDNN, bf16 autocast).  Hiding CUDA
+    # makes a GPU runner test the same thing as the CPU CI instead of asserting what is not promised.
+    e["CUDA_VISIBLE_DEVICES"] = ""
     e.pop("MLFLOW_TRACKING_URI", None)
     e.pop("DVC_ROOT", None)
     e.update(extra)
@@ -82,6 +87,35 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600, **ext
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\nstdout:\n{out.stdout[-4000:]}\n"
                              f"stderr:\n{out.stderr[-4000:]}")
     return out
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` (``.git`` included): directories with their mtime, files with size,
+    sha256 and mtime (ns), symlinks with their target.  Two equal snapshots mean nothing under
+    ``root`` was created, deleted, rewritten or touched, not even a file written back unchanged."""
+    snap: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if path.is_symlink():
+                snap[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                snap[rel] = ("dir", st.st_mtime_ns)
+            else:
+                snap[rel] = ("file", st.st_size, hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns)
+    return snap
+
+
+def assert_tree_unchanged(before: dict[str, tuple], root: Path, what: str = "") -> None:
+    """``root`` is as :func:`tree_snapshot` saw it in ``before``; the message lists every difference."""
+    after = tree_snapshot(root)
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    assert not (added or removed or changed), (f"{what}: the workspace changed: added {added[:20]}, "
+                                                 f"removed {removed[:20]}, changed {changed[:20]}")
 
 
 def free_port() -> int:

@@ -37,7 +37,7 @@ def state(project: Path) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     p = make_project(tmp_path_factory.mktemp("dvcconv"))
-    run(["dvc", "repro", "prepare@cfmnist", "pretrain_baseline@simclr"], p)
+    run(["dvc", "repro", "prepare@cfmnist", "pretrain@simclr-baseline"], p)
     run(["git", "add", "-A"], p)
     run([*GIT, "commit", "-qm", "reproduced"], p)
     return p
@@ -76,9 +76,9 @@ def test_refused_exp_run_leaves_git_and_dvc_status_as_they_were(project, overrid
 
 def test_valid_params_rerun_validate_but_nothing_downstream_because_of_it(project):
     before = state(project)
-    out = run(["dvc", "exp", "run", "-S", "eval.fewshot.episodes=21", "pretrain_baseline@simclr"], project)
+    out = run(["dvc", "exp", "run", "-S", "eval.fewshot.episodes=21", "pretrain@simclr-baseline"], project)
     assert "Running stage 'validate'" in out.stdout
-    assert "Stage 'pretrain_baseline@simclr' didn't change, skipping" in out.stdout
+    assert "Stage 'pretrain@simclr-baseline' didn't change, skipping" in out.stdout
     run(["git", "checkout", "--", "params.yaml", "dvc.lock"], project)
     assert state(project) == before
 
@@ -92,11 +92,11 @@ def test_push_and_pull_share_the_models_through_the_default_remote(project):
     clone = project.parent / "clone-of-project"                       # beside the same remote
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
     assert not (clone / "models" / "simclr-baseline" / "final.pt").exists()
-    run(["dvc", "pull", "prepare@cfmnist", "pretrain_baseline@simclr"], clone)   # the stages reproduced
+    run(["dvc", "pull", "prepare@cfmnist", "pretrain@simclr-baseline"], clone)   # the stages reproduced
     for f in ("final.pt", "checkpoint.pt"):
         assert (clone / "models/simclr-baseline" / f).read_bytes() == (project / "models/simclr-baseline" / f).read_bytes()
     assert run(["git", "status", "--porcelain"], clone).stdout == ""
-    status = run(["dvc", "status", "pretrain_baseline@simclr"], clone).stdout
+    status = run(["dvc", "status", "pretrain@simclr-baseline"], clone).stdout
     assert "changed" not in status and "deleted" not in status, status
 
 
@@ -108,7 +108,7 @@ def test_a_rerun_keeps_run_ids_out_of_git_and_run_json_identical(project):
     model = "models/simclr-baseline"
     old_id = (project / model / "mlflow_run_id").read_text()
     (project / model / "checkpoint.pt").unlink()
-    run(["dvc", "repro", "-f", "-s", "pretrain_baseline@simclr"], project)
+    run(["dvc", "repro", "-f", "-s", "pretrain@simclr-baseline"], project)
     assert (project / model / "mlflow_run_id").read_text() != old_id          # it did re-run
     changed = {line[3:] for line in run(["git", "status", "--porcelain"], project).stdout.splitlines()}
     print("changed after a retraining:", sorted(changed))

@@ -1,7 +1,5 @@
 """params.yaml validation: every bad value is refused with a message naming key, value and allowed values."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,8 @@ def test_project_params_load_and_round_trip():
     assert to_dict(again) == to_dict(params)
 
 
-@pytest.mark.parametrize("key, value, expected", [
+# (key, value, texts the error must contain); tests/test_refusals.py runs each through a stage too.
+BAD_VALUES = [
     ("ssl.methods", ["simclr", "swav"], ["ssl.methods", "'swav'", "simclr, simsiam, moco, byol"]),
     ("ssl.backbone", "vit_b", ["ssl.backbone", "'vit_b'", "resnet_small, resnet18, resnet50"]),
     ("augself.augmentations", ["crop", "cutout"], ["augself.augmentations", "'cutout'",
@@ -48,7 +47,10 @@ def test_project_params_load_and_round_trip():
     ("ssl.simclr.temperature", 0, ["ssl.simclr.temperature", "0"]),
     ("eval.fewshot.shots", [0, 5], ["eval.fewshot.shots[0]"]),
     ("eval.linear.tol", 0, ["eval.linear.tol", "0"]),
-])
+]
+
+
+@pytest.mark.parametrize("key, value, expected", BAD_VALUES)
 def test_bad_values_are_refused_with_key_value_and_allowed(tmp_path, key, value, expected):
     path = write_params(tmp_path, **{key: value})
     with pytest.raises(ConfigError) as err:
@@ -63,22 +65,8 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
         load_params(path)
 
 
-def test_unknown_dataset_name_is_refused_before_compute(tmp_path):
-    """A dataset the registry does not know: the stage exits 2 naming data.datasets and the known names."""
-    path = write_params(tmp_path, **{"data.datasets": {"cfmnist": {"tasks": ["class"]}, "mnist3d": {"tasks": ["class"]}}})
-    out = subprocess.run([sys.executable, "stages/prepare.py", "mnist3d", "--params", str(path)], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "mnist3d" in out.stderr and "cfmnist" in out.stderr
-
-
-def test_stage_exits_2_with_one_clear_line(tmp_path):
-    path = write_params(tmp_path, **{"ssl.methods": ["simclr", "dino"]})
-    out = subprocess.run([sys.executable, "stages/pretrain.py", "simclr", "augself", "--params", str(path)],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.strip().startswith("error:") and "ssl.methods" in out.stderr and "'dino'" in out.stderr
-    assert "Traceback" not in out.stderr
+# The stage-level refusals (exit code 2, one error line, workspace untouched) run in a temporary
+# project in tests/test_refusals.py, not in the repository.
 
 
 def test_group_hash_ignores_seed_lambda_and_method_list():
