@@ -93,14 +93,15 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
                     device: str | None = None, max_steps: int | None = None) -> dict:
     from pipeline.train import check_request, checkpoint_resumable, pretrain
 
-    check_request(params, method, variant)
-    out_dir = Path(models_dir) / f"{method}-{variant}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_fewshot_feasible(params)
     from pipeline.data import pretrain_images
 
+    # Every refusal before anything is written (tests/test_reliability.py: the tree stays byte-identical).
+    check_request(params, method, variant)
+    check_fewshot_feasible(params)
     images = pretrain_images(params.data.prepared, params.data.pretrain)
     monitor = monitor_data(params)
+    out_dir = Path(models_dir) / f"{method}-{variant}"
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     tracker = Tracker(params, enabled=params.tracking.enabled and track)
     resuming = checkpoint_resumable(params, method, variant, out_dir)

@@ -99,9 +99,6 @@ def test_missing_prepared_data_names_the_fix(project):
     assert "data/elsewhere" in out.stderr and "dvc repro prepare@cfmnist" in out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/workflow.py run_pretraining creates models/<method>-<variant>/ "
-                   "before check_fewshot_feasible and pretrain_images refuse; moving the mkdir after the checks "
-                   "fixes it (then drop this marker)")
 @pytest.mark.parametrize("variant, params", [("baseline", {"eval.fewshot.shots": [1, 500]}),
                                              ("augself", {"data.prepared": "data/elsewhere"})],
                          ids=["fewshot-k", "missing-prepared-data"])
