@@ -1,0 +1,175 @@
+"""The study's plan: which models it needs, which are done, and the DVC experiments that make the rest.
+
+``study.yaml`` (committed, docs/study.md) names the study's crossings over ``params.yaml``:
+
+.. code-block:: yaml
+
+    name: colour-strong-5ep
+    seeds: [0, 1, 2]
+    blocks:                      # each block is a full crossing of its lists
+      - name: core
+        methods: [simclr, simsiam, moco, byol]
+        variants: [baseline, augself, cassle]
+        lambda: [1.0]
+        color_strength: [strong]
+
+A *model* is one (method, variant, λ, colour strength, seed); λ only matters for ``augself`` (the other
+variants train with λ = 0 whatever ``augself.lambda`` says, so they are planned once, at the block's
+first λ).  The plan is the union of every block's models.  Models already in the ledger
+(:mod:`pipeline.study.ledger`) are done; the others are grouped into as few DVC experiments as the
+pipeline's matrix allows: one experiment per (strength, λ, seed) and per set of variants, over the
+methods that need exactly that set (``dvc.yaml`` trains ``ssl.methods × variants``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError, check_subset, read_yaml
+from pipeline.params import COLOR_STRENGTHS, METHODS, VARIANTS
+
+STUDY_FILE = "study.yaml"
+
+
+@dataclass(frozen=True, order=True)
+class ModelKey:
+    method: str
+    variant: str
+    lam: float            # 0 for every variant but augself
+    strength: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        lam = f"-lam{self.lam:g}" if self.variant == "augself" else ""
+        return f"{self.method}-{self.variant}{lam}-{self.strength}-seed{self.seed}"
+
+    @property
+    def baseline(self) -> "ModelKey":
+        """The model this one is compared with: the baseline of the same method, strength and seed."""
+        return ModelKey(self.method, "baseline", 0.0, self.strength, self.seed)
+
+
+@dataclass
+class Block:
+    name: str
+    methods: list[str]
+    variants: list[str]
+    lambdas: list[float]
+    strengths: list[str]
+
+
+@dataclass
+class Study:
+    name: str
+    seeds: list[int]
+    blocks: list[Block]
+    minutes_per_model: float = 2.0           # the budget estimate shown by `plan` (measured, docs/study.md)
+    overrides: dict = field(default_factory=dict)   # -S overrides every experiment of the study adds
+
+    def models(self) -> list[ModelKey]:
+        keys = set()
+        for b in self.blocks:
+            for method in b.methods:
+                for variant in b.variants:
+                    lams = b.lambdas if variant == "augself" else [0.0]
+                    for lam in lams:
+                        for strength in b.strengths:
+                            for seed in self.seeds:
+                                keys.add(ModelKey(method, variant, float(lam), strength, int(seed)))
+        return sorted(keys)
+
+    def block_of(self, key: ModelKey) -> list[str]:
+        return [b.name for b in self.blocks if key.method in b.methods and key.variant in b.variants
+                and key.strength in b.strengths and (key.variant != "augself" or key.lam in b.lambdas)]
+
+
+def load_study(path: str | Path = STUDY_FILE) -> Study:
+    """Read and validate ``study.yaml``; errors name the key and the allowed values."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with name, seeds, blocks")
+    unknown = set(raw) - {"name", "seeds", "blocks", "minutes_per_model", "overrides"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, seeds, blocks, "
+                          f"minutes_per_model, overrides")
+    blocks = []
+    for i, b in enumerate(raw.get("blocks") or []):
+        where = f"{path}: blocks[{i}]"
+        for key in ("name", "methods", "variants", "lambda", "color_strength"):
+            if key not in b:
+                raise ConfigError(f"{where}: missing '{key}'")
+        check_subset(f"{where}.methods", b["methods"], METHODS)
+        check_subset(f"{where}.variants", b["variants"], VARIANTS)
+        check_subset(f"{where}.color_strength", b["color_strength"], COLOR_STRENGTHS)
+        for lam in b["lambda"]:
+            if not isinstance(lam, (int, float)) or lam < 0:
+                raise ConfigError(f"{where}.lambda: {lam!r} must be a number >= 0")
+        if "augself" in b["variants"] and 0 in b["lambda"]:
+            raise ConfigError(f"{where}.lambda: 0 is the baseline; list the variant 'baseline' instead")
+        blocks.append(Block(b["name"], list(b["methods"]), list(b["variants"]), [float(x) for x in b["lambda"]],
+                            list(b["color_strength"])))
+    if not blocks:
+        raise ConfigError(f"{path}: blocks is empty")
+    seeds = raw.get("seeds") or []
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise ConfigError(f"{path}: name must be a non-empty string (it labels the study's runs)")
+    return Study(raw["name"], list(seeds), blocks, float(raw.get("minutes_per_model", 2.0)),
+                 dict(raw.get("overrides") or {}))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One `dvc exp run`: every model of ``methods × variants`` at one (strength, λ, seed)."""
+    strength: str
+    lam: float
+    seed: int
+    methods: tuple[str, ...]
+    variants: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return (f"study-{self.strength}-lam{self.lam:g}-s{self.seed}-"
+                f"{'-'.join(v[:2] for v in self.variants)}-{'-'.join(m[:2] for m in self.methods)}")
+
+    def overrides(self, extra: dict | None = None) -> dict:
+        return {**(extra or {}), "seed": self.seed, "ssl.methods": list(self.methods),
+                "variants": list(self.variants), "augment.color_strength": self.strength,
+                "augself.lambda": self.lam}
+
+    def models(self) -> list[ModelKey]:
+        return [ModelKey(m, v, self.lam if v == "augself" else 0.0, self.strength, self.seed)
+                for m in self.methods for v in self.variants]
+
+
+def experiments_for(missing: list[ModelKey], default_lambda: float = 1.0) -> list[Experiment]:
+    """Group models into experiments.  Non-AugSelf variants ride along with the experiment of
+    ``augself.lambda = default_lambda`` (their training ignores λ)."""
+    cells: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for k in missing:
+        lam = k.lam if k.variant == "augself" else default_lambda
+        cells[(k.strength, lam, k.seed)][k.method].add(k.variant)
+    out = []
+    for (strength, lam, seed), by_method in sorted(cells.items()):
+        by_variants: dict[tuple, list[str]] = defaultdict(list)
+        for method in METHODS:
+            if method in by_method:
+                by_variants[tuple(v for v in VARIANTS if v in by_method[method])].append(method)
+        for variants, methods in sorted(by_variants.items()):
+            out.append(Experiment(strength, lam, seed, tuple(methods), variants))
+    return out
+
+
+def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
+    """``dvc exp run --queue -n <name> -S key=value ...`` for one experiment."""
+    import json
+
+    argv = ["dvc", "exp", "run", "--queue", "-n", exp.name]
+    for k, v in exp.overrides(extra).items():
+        value = json.dumps(v).replace('"', "") if isinstance(v, list) else str(v)
+        argv += ["-S", f"{k}={value}"]
+    return argv
