@@ -109,7 +109,21 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float]) -> None:
+LINEAR_ITEMS = "linear_predictions.npz"      # per test image: predicted and true class, per dataset/task
+FEWSHOT_ITEMS = "fewshot_episodes.npz"       # per episode: accuracy, per dataset/task/setting
+
+
+def _write_items(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """The per-item results the paired statistics need (pipeline.stats), next to the metrics json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float],
+                      artifact: Path | None = None) -> None:
     """Log evaluation metrics into the model's run and move the run to the current config ``group``:
     when only ``eval.*`` changed, DVC re-runs the evaluation of the same model, so the run now holds
     metrics of the current configuration and the report must find it there (its parameters, logged
@@ -117,6 +131,8 @@ def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dic
     tracker = Tracker(params)
     run_id = read_run_id(Path(models_dir) / model)
     tracker.log_metrics(run_id, metrics)
+    if artifact is not None:
+        tracker.log_artifact(run_id, artifact)
     tracker.set_tags(run_id, {"group": params.group_hash()})
     tracker.end_run(run_id)
 
@@ -178,16 +194,21 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
     from pipeline.evaluate.linear import format_linear_result, linear_probe
 
     parse_model(params, model)
-    metrics, rows = {}, []
+    metrics, rows, solver, arrays = {}, [], {}, {}
     for name, task, a in _features(params, features_dir, model):
         res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
                            seed=params.seed, class_average=name in params.eval.linear.class_average,
                            device=default_device())
         # The reported number: top-1, or mean per-class accuracy for eval.linear.class_average datasets.
         metrics[f"linear/{name}/{task}/top1"] = float(res["acc"])
+        solver[f"{name}/{task}"] = {**res["solver"], "best_wd": res["best_wd"], "best_val_acc": res["best_val_acc"],
+                                    "metric": res["metric"]}
+        arrays[f"{name}/{task}/pred"] = res["test_pred"].astype(np.int32)
+        arrays[f"{name}/{task}/label"] = res["test_label"].astype(np.int32)
         print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
-    write_json(Path(metrics_dir) / model / "linear.json", metrics)
-    _log_to_model_run(params, models_dir, model, metrics)
+    write_json(Path(metrics_dir) / model / "linear.json", {**metrics, "solver": solver})
+    predictions = _write_items(Path(metrics_dir) / model / LINEAR_ITEMS, arrays)
+    _log_to_model_run(params, models_dir, model, metrics, artifact=predictions)
     return metrics
 
 
@@ -196,17 +217,23 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
 
     parse_model(params, model)
     check_fewshot_feasible(params)
+    from pipeline.evaluate.fewshot import NEWTON_TOL, SOLVER
+
     fs = params.eval.fewshot
-    metrics, rows = {}, []
+    metrics, rows, arrays, digests = {}, [], {}, {}
     for name, task, a in _features(params, features_dir, model):
         res = fewshot_eval(a["test_x"], a[f"test_{task}"], fs.ways, fs.shots, fs.queries, fs.episodes,
-                           seed=params.seed, device=default_device())
+                           seed=params.seed, device=default_device(), keep_episodes=True)
         for key, r in res.items():
             metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
             metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
+            arrays[f"{name}/{task}/{key}/acc"] = r.pop("episode_acc")
+            digests[f"{name}/{task}/{key}"] = r.pop("episodes_sha256")
         print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
-    write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
-    _log_to_model_run(params, models_dir, model, metrics)
+    write_json(Path(metrics_dir) / model / "fewshot.json",
+               {**metrics, "solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
+    episodes = _write_items(Path(metrics_dir) / model / FEWSHOT_ITEMS, arrays)
+    _log_to_model_run(params, models_dir, model, metrics, artifact=episodes)
     return metrics
 
 
@@ -235,7 +262,11 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
         if isinstance(r, dict):
             key = "acc" if "acc" in r else "r2"
             metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
-    write_json(Path(metrics_dir) / model / "probe.json", metrics)
+    from pipeline.evaluate.linear import DEFAULT_TOL, SOLVER
+
+    write_json(Path(metrics_dir) / model / "probe.json",
+               {**metrics, "solver": {"ridge": "closed form (float64 linear solve, exact)",
+                                      "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
     _log_to_model_run(params, models_dir, model, metrics)
     print(format_probe_result(res, title=f"{model}: augmentation probe"))
     return metrics
