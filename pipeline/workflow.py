@@ -18,8 +18,8 @@ import numpy as np
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.params import VARIANTS, Params
-from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_results, git_commit, read_run_id,
-                               run_tags)
+from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, git_commit,
+                               read_run_id, run_tags)
 
 
 def default_device() -> str:
@@ -292,6 +292,7 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
         "source": source,
         "command": "dvc repro (seed 0) + dvc exp run --queue -S seed=N; dvc queue start; dvc repro -f -s report",
     }
-    paths = build_report(runs, curves, Path(out_dir), context)
+    items = collect_items(params, runs, Path(models_dir), Path(metrics_dir))
+    paths = build_report(runs, curves, Path(out_dir), context, items=items)
     print(f"report: {len(runs)} runs from {source} → {out_dir}/index.html")
     return paths
