@@ -22,9 +22,7 @@ prediction**, not to a "good enough" one:
 
 1. the objective divided by ``n`` (same minimiser) is minimised in **float64** with **trust-region
    Newton-CG** (TRON, Lin, Weng & Keerthi 2008, the solver of liblinear): Hessian-vector products
-   are two matrix products over one transposed copy of the features (``_LogisticObjective``),
-   the CG is preconditioned by the Hessian's diagonal in the principal axes of the features (an
-   orthogonal change of variables that leaves the objective and its minimiser exactly as they are);
+   are two matrix products over one transposed copy of the features (``_LogisticObjective``);
 2. each fit stops when ``‖∇f‖₂ ≤ tol·‖∇f(0)‖₂`` (``eval.linear.tol``, default 1e-10, relative to the
    gradient at θ = 0, which is the same for every w).  Near the minimiser the decrease of ``f``
    falls below float64 resolution, where TRON's ratio test becomes noise; there a step is accepted
@@ -105,15 +103,7 @@ class _LogisticObjective:
             raise ValueError(f"fit_logistic: expected x (n, d) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
         self.n, self.d = x.shape
         self.num_classes = num_classes
-        xt = torch.cat([x.t(), x.new_ones(1, self.n)])                                 # (d + 1, n)
-        # Solve in the principal axes of the augmented features: θ' = θ·R with R the eigenvectors
-        # of x̃ᵀx̃, an orthogonal change of variables that leaves ‖θ‖² (weights and bias alike) and
-        # every logit unchanged, so the objective and its minimiser are exactly the official ones;
-        # there the diagonal preconditioner sees the spread of feature scales (pooled ReLU
-        # features have one dominant mean direction), which is most of the ill-conditioning.
-        _, self.rotation = torch.linalg.eigh(xt @ xt.t())                              # (d + 1, d + 1)
-        self.xt = (self.rotation.t() @ xt).contiguous()
-        self.xt_sq = self.xt.square()                  # for the diagonal of the Hessian (preconditioner)
+        self.xt = torch.cat([x.t(), x.new_ones(1, self.n)]).contiguous()            # (d + 1, n)
         self.labels = y.unsqueeze(0)                                                   # (1, n)
         self.onehot = x.new_zeros(num_classes, self.n).scatter_(0, self.labels, 1.0)  # (C, n)
         # The gradient at θ = 0 (the same for every w): the scale of the relative stopping rule.
@@ -148,36 +138,30 @@ class _LogisticObjective:
         if init is None:
             theta = self.xt.new_zeros(self.num_classes, self.d + 1)
         else:
-            theta = torch.cat([init.weight.t(), init.bias.unsqueeze(1)], 1).to(self.xt.dtype) @ self.rotation
+            theta = torch.cat([init.weight.t(), init.bias.unsqueeze(1)], 1).to(self.xt.dtype).contiguous()
         f, grad, prob = self.loss_grad(theta, reg)
         target = tol * self.grad0_norm
         gnorm = torch.linalg.vector_norm(grad).item()
         radius = None
         iterations = hvps = 0
         while gnorm > target and iterations < max_iter:
-            # Diagonal (Jacobi) preconditioner in the principal axes, mixed with the identity as
-            # liblinear does: M = a·diag H + (1 − a)·mean(diag H)·I; the CG runs on M^{-1/2} H M^{-1/2}
-            # (a trust region in ‖M^{1/2}s‖).  A per-class block-Jacobi preconditioner was tried: it
-            # costs (d + 1)/2 Hessian-vector products per Newton iteration and saved few CG steps.
-            diag = (prob * (1.0 - prob)) @ self.xt_sq.t() / n + reg                       # diag of H
-            scale = (_PRECOND_MIX * diag + (1.0 - _PRECOND_MIX) * diag.mean()).rsqrt_()    # M^{-1/2}
-            grad_hat = grad * scale
-            ghnorm = torch.linalg.vector_norm(grad_hat).item()
             if radius is None:
-                radius = ghnorm
-            # Inexact Newton: CG until ‖r‖ ≤ η‖ĝ‖ with the forcing term η = min(0.1, √(‖g‖/‖g(0)‖))
-            # (superlinear convergence, Eisenstat & Walker), stopped at the trust-region boundary.
-            step_hat, residual, used = _steihaug_cg(lambda v: self.hvp(prob, v * scale, reg) * scale, grad_hat,
-                                                    radius, min(0.1, (gnorm / self.grad0_norm) ** 0.5) * ghnorm)
-            step = step_hat * scale
+                radius = gnorm
+            # Inexact Newton: CG until ‖r‖ ≤ 0.1·‖g‖, stopped at the trust-region boundary.  Measured
+            # on 3000 × 128 ReLU features, 10 classes (45 w, 1e-10): 5 700 Hessian-vector products in
+            # all, against 7 500 with the superlinear forcing term min(0.1, √(‖g‖/‖g(0)‖)) and
+            # 6 400-10 500 with a diagonal preconditioner in the principal axes of the features
+            # (a per-class block-Jacobi one cost more than it saved).
+            step, residual, used = _steihaug_cg(lambda v: self.hvp(prob, v, reg), grad, radius,
+                                                _CG_FORCING * gnorm)
             hvps += used
-            gs = (grad_hat * step_hat).sum().item()
-            predicted = -0.5 * (gs - (step_hat * residual).sum().item())       # −(gᵀs + ½ sᵀHs)
+            gs = (grad * step).sum().item()
+            predicted = -0.5 * (gs - (step * residual).sum().item())           # −(gᵀs + ½ sᵀHs)
             candidate = theta + step
             f_new, grad_new, prob_new = self.loss_grad(candidate, reg)
             actual = f - f_new
             gnorm_new = torch.linalg.vector_norm(grad_new).item()
-            snorm = torch.linalg.vector_norm(step_hat).item()
+            snorm = torch.linalg.vector_norm(step).item()
             radius = _update_radius(radius, snorm, f, f_new, gs, actual, predicted, first=iterations == 0)
             iterations += 1
             # Near the minimiser the decrease of f falls below its float64 resolution (≈ 1e-16·|f|)
@@ -189,12 +173,11 @@ class _LogisticObjective:
                     radius = max(radius, 2.0 * snorm)
             elif radius < 1e-300:
                 break
-        theta = theta @ self.rotation.t()                                                 # back to [W; b]
         return LogisticFit(theta[:, :-1].t().contiguous(), theta[:, -1].clone(), float(wd), iterations, hvps,
                            gnorm / self.grad0_norm, gnorm <= target)
 
 
-_PRECOND_MIX = 0.9                              # weight of diag H in the preconditioner
+_CG_FORCING = 0.1                               # CG stops at ‖r‖ ≤ this·‖g‖ (liblinear's 0.1)
 _RESOLUTION = 1e-13                             # predicted decreases below this·|f| are not resolved
 _ETA0, _ETA1, _ETA2 = 1e-4, 0.25, 0.75          # TRON's acceptance / radius thresholds (liblinear)
 _SIGMA1, _SIGMA2, _SIGMA3 = 0.25, 0.5, 4.0      # TRON's radius factors (liblinear)
