@@ -182,7 +182,7 @@ class LinearParams:
     wd_max_exp: float = 5.0
     wd_steps: int = 45
     max_iter: int = 500                 # Newton (trust-region) iterations per fit: a safety cap
-    tol: float = 1e-10                  # stop a fit at ‖∇f‖ <= tol·‖∇f(0)‖ (f = objective / n); see evaluate/linear.py
+    tol: float = 1e-9                   # stop a fit at ‖∇f‖ <= tol·‖∇f(0)‖ (f = objective / n); see evaluate/linear.py
     class_average: list[str] = field(default_factory=list)  # datasets reported as mean per-class accuracy
 
     def __post_init__(self):

@@ -83,7 +83,7 @@ def ridge_r2(train_x, train_y, test_x, test_y, ridge: float) -> dict:
 def logistic_accuracy(train_x, train_y, test_x, test_y, wd: float, tol: float = DEFAULT_TOL) -> dict:
     """Held-out accuracy (%) of an L2 logistic regression on standardised ``x`` (labels 0/1 or class
     indices), with ``chance`` = the held-out rate of the train part's majority class.  Solved by the
-    linear probe's trust-region Newton to a relative gradient of ``tol`` (1e-10: the minimiser's
+    linear probe's trust-region Newton to a relative gradient of ``tol`` (1e-9: the minimiser's
     answer; ``tests/test_evaluate.py`` shows 1e-13 changes no prediction).  The ridge maps are
     closed-form linear solves (exact up to float64 rounding), so they have no tolerance."""
     xtr, xte = standardise(_f64(train_x), _f64(test_x))
