@@ -6,6 +6,9 @@ metric files) into ``reports/``:
 * ``results.csv``: one row per method × variant × λ; per metric ``<metric>/mean``, ``/std``, ``/n``
   over seeds (see :mod:`pipeline.report.tables` for the statistics),
 * ``lambda.csv``: the same means in tidy form against λ (the DVC plot of accuracy vs λ),
+* ``differences.csv``: paired Δ of every non-baseline variant against the baseline of the same
+  method and seed, with bootstrap / t / hierarchical intervals and whether 0 is excluded
+  (:mod:`pipeline.report.paired`; empty without per-item scores), also a table and ``fig_forest``,
 * ``README.md``: the tables (Δ AugSelf − baseline rows in bold), the figures, the run list,
 * ``fig_*.png`` / ``fig_*.svg``: grouped bars per family, metric against λ, loss curves
   (:mod:`pipeline.report.plots`),
