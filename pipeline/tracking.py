@@ -512,3 +512,69 @@ def collect_results(params: Params, models_dir: Path = Path("models"), metrics_d
                   f"metrics files instead.", file=sys.stderr)
     runs, curves = _runs_from_files(params, models_dir, metrics_dir)
     return runs, curves, "metrics files (models/, metrics/)"
+
+
+ITEM_FILES = {"linear": "linear_predictions.npz", "fewshot": "fewshot_episodes.npz"}
+
+
+def _item_scores(family: str, arrays) -> dict[str, "np.ndarray"]:
+    """Per-item scores in % keyed by the metric column they belong to: linear ``pred == label``,
+    few-shot the episode accuracy."""
+    import numpy as np
+
+    out = {}
+    if family == "linear":
+        for key in arrays.files:
+            if key.endswith("/pred"):
+                task = key[: -len("/pred")]
+                out[f"linear/{task}/top1"] = 100.0 * (arrays[key] == arrays[f"{task}/label"]).astype(np.float64)
+    else:
+        for key in arrays.files:
+            if key.endswith("/acc"):
+                out[f"fewshot/{key[: -len('/acc')]}"] = 100.0 * np.asarray(arrays[key], dtype=np.float64)
+    return out
+
+
+def collect_items(params: Params, runs: pd.DataFrame, models_dir: Path = Path("models"),
+                  metrics_dir: Path = Path("metrics"), source: str = "auto") -> dict[str, dict[str, "np.ndarray"]]:
+    """Per run id, the per-item scores the paired statistics need (``{metric column: scores}``).
+
+    A run's npz files are its MLflow artifacts (every seed and λ in the store); a run read from the
+    files (or whose artifacts cannot be fetched) uses ``metrics/<method>-<variant>/*.npz`` when that
+    directory belongs to it (``models/<model>/run.json`` names the same run, or the runs came from
+    files).  Runs without them are simply absent: the report then falls back to unpaired statistics.
+    """
+    import tempfile
+
+    import numpy as np
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    client = None
+    if source in ("auto", "mlflow") and params.tracking.enabled:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=tracking_uri())
+        except Exception:  # noqa: BLE001 - MLflow missing or broken: files only
+            client = None
+    for _, run in runs.iterrows():
+        run_id = str(run["run_id"])
+        scores: dict[str, np.ndarray] = {}
+        local = Path(metrics_dir) / model_name(str(run["method"]), str(run["variant"]))
+        info = Path(models_dir) / local.name / RUN_INFO_FILE
+        owner = json.loads(info.read_text()).get("run_id") if info.exists() else None
+        for family, name in ITEM_FILES.items():
+            path = None
+            if client is not None and not run_id.startswith("file:"):
+                try:
+                    path = Path(client.download_artifacts(run_id, name, tempfile.mkdtemp(prefix="items-")))
+                except Exception:  # noqa: BLE001 - no such artifact (older run) or store down
+                    path = None
+            if path is None and (local / name).exists() and (run_id.startswith("file:") or owner in (None, run_id)):
+                path = local / name
+            if path is not None and path.exists():
+                with np.load(path) as arrays:
+                    scores.update(_item_scores(family, arrays))
+        if scores:
+            out[run_id] = scores
+    return out

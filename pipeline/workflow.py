@@ -19,8 +19,8 @@ import numpy as np
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.params import Params
-from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_results, display_uri, git_commit,
-                               read_run_id, tracking_uri)
+from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, display_uri,
+                               git_commit, read_run_id, tracking_uri)
 
 
 def default_device() -> str:
@@ -141,8 +141,21 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+LINEAR_ITEMS = "linear_predictions.npz"      # per test image: predicted and true class, per dataset/task
+FEWSHOT_ITEMS = "fewshot_episodes.npz"       # per episode: accuracy, per dataset/task/setting
+
+
+def _write_items(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """The per-item results the paired statistics need (pipeline.stats), next to the metrics json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
 def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float],
-                      datasets: list[str] | None = None) -> None:
+                      datasets: list[str] | None = None, artifact: Path | None = None) -> None:
     """Log evaluation metrics into the model's run and move the run to the current config ``group``:
     when only ``eval.*`` changed, DVC re-runs the evaluation of the same model, so the run now holds
     metrics of the current configuration and the report must find it there (its parameters, logged
@@ -157,6 +170,8 @@ def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dic
     digests = tracker.log_datasets(run_id, Path(params.data.prepared), datasets, "evaluation")
     tracker.log_metrics(run_id, metrics, model_id=tracker.model_id(run_id), datasets=digests)
     tracker.move_to_group(run_id, params.group_hash())
+    if artifact is not None:
+        tracker.log_artifact(run_id, artifact)
     tracker.end_run(run_id)
 
 
@@ -218,7 +233,7 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
     from pipeline.evaluate.linear import format_linear_result, linear_probe
 
     parse_model(params, model)
-    metrics, rows = {}, []
+    metrics, rows, solver, arrays = {}, [], {}, {}
     for name, task, a in _features(params, features_dir, model):
         t0 = time.perf_counter()
         res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
@@ -226,11 +241,16 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
                            device=default_device())
         # The reported number: top-1, or mean per-class accuracy for eval.linear.class_average datasets.
         metrics[f"linear/{name}/{task}/top1"] = float(res["acc"])
+        solver[f"{name}/{task}"] = {**res["solver"], "best_wd": res["best_wd"], "best_val_acc": res["best_val_acc"],
+                                    "metric": res["metric"]}
+        arrays[f"{name}/{task}/pred"] = res["test_pred"].astype(np.int32)
+        arrays[f"{name}/{task}/label"] = res["test_label"].astype(np.int32)
         print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
         _said("linear", f"{model}: {params.eval.linear.wd_steps} L2 weights + refit on {name}/{task} "
                         f"({len(a['train_x'])} train x {a['train_x'].shape[1]} features)", t0)
-    write_json(Path(metrics_dir) / model / "linear.json", metrics)
-    _log_to_model_run(params, models_dir, model, metrics)
+    write_json(Path(metrics_dir) / model / "linear.json", {**metrics, "solver": solver})
+    predictions = _write_items(Path(metrics_dir) / model / LINEAR_ITEMS, arrays)
+    _log_to_model_run(params, models_dir, model, metrics, artifact=predictions)
     return metrics
 
 
@@ -239,20 +259,26 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
 
     parse_model(params, model)
     check_fewshot_feasible(params)
+    from pipeline.evaluate.fewshot import NEWTON_TOL, SOLVER
+
     fs = params.eval.fewshot
-    metrics, rows = {}, []
+    metrics, rows, arrays, digests = {}, [], {}, {}
     for name, task, a in _features(params, features_dir, model):
         t0 = time.perf_counter()
         res = fewshot_eval(a["test_x"], a[f"test_{task}"], fs.ways, fs.shots, fs.queries, fs.episodes,
-                           seed=params.seed, device=default_device())
+                           seed=params.seed, device=default_device(), keep_episodes=True)
         for key, r in res.items():
             metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
             metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
+            arrays[f"{name}/{task}/{key}/acc"] = r.pop("episode_acc")
+            digests[f"{name}/{task}/{key}"] = r.pop("episodes_sha256")
         print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
         _said("fewshot", f"{model}: {fs.episodes} episodes x {len(fs.shots)} shot settings of {fs.ways}-way "
                          f"logistic regression on {name}/{task}", t0)
-    write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
-    _log_to_model_run(params, models_dir, model, metrics)
+    write_json(Path(metrics_dir) / model / "fewshot.json",
+               {**metrics, "solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
+    episodes = _write_items(Path(metrics_dir) / model / FEWSHOT_ITEMS, arrays)
+    _log_to_model_run(params, models_dir, model, metrics, artifact=episodes)
     return metrics
 
 
@@ -283,7 +309,11 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
         if isinstance(r, dict):
             key = "acc" if "acc" in r else "r2"
             metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
-    write_json(Path(metrics_dir) / model / "probe.json", metrics)
+    from pipeline.evaluate.linear import DEFAULT_TOL, SOLVER
+
+    write_json(Path(metrics_dir) / model / "probe.json",
+               {**metrics, "solver": {"ridge": "closed form (float64 linear solve, exact)",
+                                      "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
     _log_to_model_run(params, models_dir, model, metrics, datasets=[params.data.pretrain])
     print(format_probe_result(res, title=f"{model}: augmentation probe"))
     _said("probe", f"{model}: ridge maps to {', '.join(probe_augmentations(params))} from "
@@ -311,6 +341,7 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
         "source": source.replace(tracking_uri(), display_uri(tracking_uri())),   # no machine paths in reports/
         "command": "dvc repro (seed 0) + dvc exp run --queue -S seed=N; dvc queue start; dvc repro -f -s report",
     }
-    paths = build_report(runs, curves, Path(out_dir), context)
+    items = collect_items(params, runs, Path(models_dir), Path(metrics_dir))
+    paths = build_report(runs, curves, Path(out_dir), context, items=items)
     print(f"report: {len(runs)} runs from {source} → {out_dir}/index.html")
     return paths

@@ -51,7 +51,9 @@ def test_repro_writes_models_metrics_report_and_mlflow_runs(reproduced):
         m = p / "models" / f"simclr-{variant}"
         assert (m / "final.pt").exists() and (m / "checkpoint.pt").exists()
         linear = json.loads((p / "metrics" / f"simclr-{variant}" / "linear.json").read_text())
-        assert set(linear) == {"linear/cfmnist/class/top1", "linear/cfmnist/color/top1"}
+        assert set(linear) - {"solver"} == {"linear/cfmnist/class/top1", "linear/cfmnist/color/top1"}
+        assert linear["solver"]["cfmnist/class"]["name"] == "tron"
+        assert (p / "metrics" / f"simclr-{variant}" / "linear_predictions.npz").exists()
         probe = json.loads((p / "metrics" / f"simclr-{variant}" / "probe.json").read_text())
         assert "probe/crop/r2" in probe and "probe/color/r2" in probe
     assert (p / "reports" / "index.html").exists() and (p / "reports" / "results.csv").exists()

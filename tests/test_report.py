@@ -268,3 +268,103 @@ def test_page_renders_in_headless_chromium(full_report, tmp_path):
     assert loaded[1] == loaded[2] == "7"
     assert int(re.search(r'data-tables="(\d+)"', dom)[1]) >= 6
     assert "Δ AugSelf − baseline" in dom
+
+
+# ------------------------------------------------- the report's numbers against the runs they came from
+
+def _write_model_results(tmp_path, params, model, run_id, labels, pred, episode_acc):
+    """What the linear/fewshot stages leave: metrics json, per-item npz, the MLflow run's metrics and
+    artifacts (through the same stage helper)."""
+    import json
+
+    from pipeline.workflow import FEWSHOT_ITEMS, LINEAR_ITEMS, _log_to_model_run, _write_items
+
+    metrics_dir = tmp_path / "metrics" / model
+    metrics = {"linear/cfmnist/class/top1": 100.0 * float(np.mean(pred == labels)),
+               "fewshot/cfmnist/class/5way1shot": 100.0 * float(np.mean(episode_acc))}
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "linear.json").write_text(json.dumps({k: v for k, v in metrics.items() if k.startswith("linear")}))
+    (metrics_dir / "fewshot.json").write_text(json.dumps({k: v for k, v in metrics.items() if k.startswith("fewshot")}))
+    linear = _write_items(metrics_dir / LINEAR_ITEMS, {"cfmnist/class/pred": pred, "cfmnist/class/label": labels})
+    fewshot = _write_items(metrics_dir / FEWSHOT_ITEMS, {"cfmnist/class/5way1shot/acc": episode_acc})
+    _log_to_model_run(params, tmp_path / "models", model, metrics, artifact=linear)
+    from pipeline.tracking import Tracker
+
+    Tracker(params).log_artifact(run_id, fewshot)
+    return metrics
+
+
+def test_report_numbers_equal_the_mlflow_runs_and_files_they_were_built_from(tmp_path, monkeypatch):
+    """Issue 15 item 3: every number of results.csv, differences.csv and the page recomputed here
+    from the raw per-item arrays and metric values (not through the report code), from MLflow (three
+    seeds) and from the files with MLflow off (the workspace's seed)."""
+    import dataclasses
+    import json
+
+    from scipy import stats
+
+    from pipeline.params import Params
+    from pipeline.tracking import RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 500).astype(np.int32)
+    raw, values = {}, {}
+    for seed in (0, 1, 2):
+        params = dataclasses.replace(Params(), seed=seed)
+        for variant, acc in (("baseline", 0.60), ("augself", 0.66)):
+            model = f"simclr-{variant}"
+            tracker = Tracker(params)
+            run_id = tracker.start_model_run("simclr", variant)
+            tracker.log_metrics(run_id, {"pretrain/loss_ssl": 1.0})
+            (tmp_path / "models" / model).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "models" / model / RUN_ID_FILE).write_text(run_id)
+            (tmp_path / "models" / model / RUN_INFO_FILE).write_text(json.dumps(
+                {"method": "simclr", "variant": variant, "lambda": params.lambda_for(variant), "seed": seed,
+                 "group": params.group_hash(), "run_id": run_id}))
+            pred = np.where(rng.random(500) < acc, labels, (labels + 1) % 5).astype(np.int32)
+            episodes = np.clip(rng.normal(acc, 0.1, 60), 0, 1)
+            raw[variant, seed] = {"linear/cfmnist/class/top1": 100.0 * (pred == labels),
+                                  "fewshot/cfmnist/class/5way1shot": 100.0 * episodes}
+            values[variant, seed] = _write_model_results(tmp_path, params, model, run_id, labels, pred, episodes)
+
+    def check(runs, items, seeds, out):
+        build_report(runs, {}, out, {**CONTEXT, "params": {"augself.lambda": 1.0}}, items=items)
+        csv = pd.read_csv(out / "results.csv").set_index("variant")
+        diffs = pd.read_csv(out / "differences.csv").set_index("metric")
+        page = (out / "index.html").read_text()
+        for metric in ("linear/cfmnist/class/top1", "fewshot/cfmnist/class/5way1shot"):
+            for variant in ("baseline", "augself"):
+                vals = [values[variant, s][metric] for s in seeds]
+                assert csv.loc[variant, f"{metric}/mean"] == pytest.approx(np.mean(vals), rel=1e-12)
+                if len(seeds) > 1:
+                    assert csv.loc[variant, f"{metric}/std"] == pytest.approx(np.std(vals, ddof=1), rel=1e-9)
+            per_seed = [raw["augself", s][metric].mean() - raw["baseline", s][metric].mean() for s in seeds]
+            row = diffs.loc[metric]
+            assert row["delta"] == pytest.approx(np.mean(per_seed), abs=1e-9)
+            assert row["low"] < row["delta"] < row["high"]
+            assert bool(row["distinguishable"]) == (row["low"] > 0 or row["high"] < 0)
+            if len(seeds) > 1:
+                half = stats.t.ppf(0.975, len(seeds) - 1) * np.std(per_seed, ddof=1) / np.sqrt(len(seeds))
+                assert row["t_low"] == pytest.approx(np.mean(per_seed) - half, abs=1e-9)
+                assert row["t_high"] == pytest.approx(np.mean(per_seed) + half, abs=1e-9)
+            else:   # one seed: the paired bootstrap's width is ≈ 2·1.96 standard errors of the mean Δ
+                d = raw["augself", seeds[0]][metric] - raw["baseline", seeds[0]][metric]
+                assert (row["high"] - row["low"]) / (2 * 1.96 * d.std() / np.sqrt(len(d))) == pytest.approx(1, abs=0.15)
+            assert f"{row['delta']:+.2f}" in page and f"[{row['low']:+.2f}, {row['high']:+.2f}]" in page
+        # The λ curve holds exactly the λ that ran (the tags / run.json), parsed as numbers.
+        tidy = pd.read_csv(out / "lambda.csv")
+        assert sorted(set(tidy["lambda"].astype(float))) == [0.0, 1.0]
+
+    params = Params()
+    runs, _, source = collect_results(params, tmp_path / "models", tmp_path / "metrics", source="mlflow")
+    assert source.startswith("MLflow") and len(runs) == 6
+    items = collect_items(params, runs, tmp_path / "models", tmp_path / "nowhere")   # artifacts only
+    assert len(items) == 6
+    check(runs, items, (0, 1, 2), tmp_path / "report-mlflow")
+
+    off = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, enabled=False))
+    runs, _, source = collect_results(off, tmp_path / "models", tmp_path / "metrics")
+    assert source.startswith("metrics files") and sorted(runs["seed"]) == [2, 2]
+    check(runs, collect_items(off, runs, tmp_path / "models", tmp_path / "metrics"), (2,), tmp_path / "report-files")

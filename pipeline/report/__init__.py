@@ -6,6 +6,9 @@ metric files) into ``reports/``:
 * ``results.csv``: one row per method × variant × λ; per metric ``<metric>/mean``, ``/std``, ``/n``
   over seeds (see :mod:`pipeline.report.tables` for the statistics),
 * ``lambda.csv``: the same means in tidy form against λ (the DVC plot of accuracy vs λ),
+* ``differences.csv``: paired Δ of every non-baseline variant against the baseline of the same
+  method and seed, with bootstrap / t / hierarchical intervals and whether 0 is excluded
+  (:mod:`pipeline.report.paired`; empty without per-item scores), also a table and ``fig_forest``,
 * ``README.md``: the tables (Δ AugSelf − baseline rows in bold), the figures, the run list,
 * ``fig_*.png`` / ``fig_*.svg``: grouped bars per family, metric against λ, loss curves
   (:mod:`pipeline.report.plots`),
@@ -28,6 +31,7 @@ from pipeline.report import plots as _plots
 from pipeline.report.html import render_page
 from pipeline.report.schema import (DOWNSTREAM_FAMILIES, FAMILY_TITLES, FEWSHOT, LAMBDA_DECIMALS, LINEAR, PROBE,
                                     MetricSpec, curve_key, lambda_label, metric_specs, validate_runs)
+from pipeline.report.paired import paired_differences, paired_table
 from pipeline.report.tables import (Difference, Table, aggregate, build_tables, differences, lambda_curves,
                                     to_markdown)
 
@@ -42,14 +46,16 @@ _RUN_COLUMNS = {"run_id": "run id", "method": "method", "variant": "variant", "l
 
 
 def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, out_dir: str | Path,
-                 context: Mapping) -> list[Path]:
+                 context: Mapping, items: Mapping[str, Mapping] | None = None) -> list[Path]:
     """Regenerate the report in ``out_dir``; return the files written.
 
     ``context``: ``commit``, ``generated_at``, ``params`` (flattened, dotted keys; a nested mapping is
     flattened here), ``command``, optional ``notes`` (a string or a list of strings) and optional
     ``source`` (where the runs were read from, shown next to the commit).  The default λ
     of the Δ rows is ``params['augself.lambda']``.  Previous ``fig_*`` files in ``out_dir`` are removed
-    first, so a figure that can no longer be drawn does not linger.
+    first, so a figure that can no longer be drawn does not linger.  ``items``: per run id, per-item
+    scores by metric column (``pipeline.tracking.collect_items``); with them the report adds the
+    paired differences (``differences.csv``, a table and a forest plot, :mod:`pipeline.report.paired`).
     """
     if not isinstance(context, Mapping):
         raise ValueError(f"context: expected a mapping with commit, generated_at, params, command; "
@@ -69,12 +75,26 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     diffs = differences(summary, specs, default_lambda)
     _note_missing_sides(summary, notes)
     tables = build_tables(summary, specs, diffs, default_lambda)
+    paired = paired_differences(runs, items or {}, [s for s in specs if s.family in DOWNSTREAM_FAMILIES], notes)
+    if not paired.empty:
+        tables.append(paired_table(paired))
+    elif items is not None:
+        notes.append("no per-item scores (linear_predictions.npz / fewshot_episodes.npz) pair up: no paired Δ")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(out_dir.glob(f"{FIGURE_PREFIX}*.png")) + list(out_dir.glob(f"{FIGURE_PREFIX}*.svg")):
         stale.unlink()
     figures = _draw_figures(runs, summary, curves, specs, ref_lambda, out_dir, notes)
+    if not paired.empty:
+        with _plots.style():
+            title = "Paired differences to the baseline (same method and seed)"
+            figures.append(_saved(_plots.forest_figure(paired, title), out_dir, "forest", title,
+                                  "Dot: Δ (mean of per-seed paired Δ); bar: its 95 % interval (hierarchical "
+                                  "bootstrap over seeds then items with ≥ 2 seeds, else the paired bootstrap over "
+                                  "items); filled blue: the interval excludes 0."))
+    differences_csv = out_dir / "differences.csv"
+    paired.to_csv(differences_csv, index=False)
 
     results = out_dir / "results.csv"
     summary.to_csv(results, index=False)
@@ -87,7 +107,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     page = out_dir / "index.html"
     page.write_text(render_page(title=TITLE, meta=meta, notes=notes, tables=tables, plots=figures,
                                 run_list=run_list, params=params), encoding="utf-8")
-    return [results, curves_vs_lambda, readme, page] + [p for f in figures for p in f.paths]
+    return [results, curves_vs_lambda, differences_csv, readme, page] + [p for f in figures for p in f.paths]
 
 
 def _present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:

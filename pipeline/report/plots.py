@@ -341,3 +341,23 @@ def monitor_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
                title="frozen backbone on a fixed subset; mean over seeds, band ± std where ≥ 2 seeds")
     return fig, []
+
+
+def forest_figure(paired: pd.DataFrame, title: str) -> Figure | None:
+    """One row per method × variant × λ × metric: Δ with its 95 % interval against zero (filled marker:
+    the interval excludes 0).  Rows come from :func:`pipeline.report.paired.paired_differences`."""
+    if paired.empty:
+        return None
+    fig = Figure(figsize=(7.5, 0.42 * len(paired) + 1.4), layout="constrained")
+    ax = fig.add_subplot()
+    labels = [f"{r.method}: {r.variant} (λ={r['lambda']:g}) − baseline · {r.label}" for _, r in paired.iterrows()]
+    ys = np.arange(len(paired))[::-1]
+    for y, (_, r) in zip(ys, paired.iterrows()):
+        colour = "tab:blue" if r["distinguishable"] else "tab:grey"
+        ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=2)
+        ax.plot([r["delta"]], [y], "o", color=colour, mfc=colour if r["distinguishable"] else "white")
+    ax.axvline(0.0, color="black", lw=0.8, ls="--")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlabel("Δ (percentage points), 95 % paired interval")
+    ax.set_title(title, fontsize=10)
+    return fig

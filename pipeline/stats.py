@@ -1,0 +1,128 @@
+"""Paired statistics of a difference Δ = variant − baseline evaluated on the same items.
+
+AugSelf (or any other variant) and its baseline are scored on the *same* test images (linear probe)
+and the *same* episodes (few-shot: the episodes depend on the labels and the seed only).  Pairing
+removes the item-to-item variance that both models share, which is most of it.
+
+Two sources of uncertainty are kept apart:
+
+* **evaluation noise** (which test images / episodes happened to be drawn), per seed:
+  :func:`paired_bootstrap` resamples the items with replacement, the same resample for both
+  models, and gives the percentile interval of Δ (``B`` resamples, fixed bootstrap seed, so the
+  report is reproducible);
+* **seed-to-seed variance** (which pretraining run one got), across seeds:
+  :func:`across_seeds` gives the mean of the per-seed Δ with a Student-t interval over seeds
+  (``mean ± t_{0.975, S−1}·sd/√S``, which needs ≥ 2 seeds and ignores evaluation noise beyond what
+  shows in the per-seed Δ), and a **hierarchical bootstrap** that resamples seeds, then items within
+  each drawn seed, so that its interval carries both sources.
+
+A difference is called *distinguishable from zero* when its 95 % interval excludes 0 (the
+hierarchical interval when there are ≥ 2 seeds, else the per-seed bootstrap, which then speaks for
+evaluation noise only; the report says which).
+
+The metric of a resample is the mean of per-item scores (top-1 correctness, episode accuracy);
+for a class-average metric :func:`paired_bootstrap` takes per-item class labels and averages the
+per-class means of each resample (a class missing from a resample is left out of that average).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+__all__ = ["BOOTSTRAP_SEED", "BOOTSTRAP_SAMPLES", "Interval", "paired_bootstrap", "across_seeds",
+           "t_interval"]
+
+BOOTSTRAP_SEED = 20240613
+BOOTSTRAP_SAMPLES = 2000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate of Δ with its ``level`` interval ``[low, high]``."""
+    estimate: float
+    low: float
+    high: float
+    method: str
+
+    @property
+    def excludes_zero(self) -> bool:
+        return bool(self.low > 0 or self.high < 0)
+
+
+def _check_pair(variant, baseline, name):
+    a, b = np.asarray(variant, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"{name}: expected two 1-D per-item score arrays of the same non-zero length "
+                         f"(the same test images / episodes for both models), got {a.shape} and {b.shape}")
+    return a, b
+
+
+def _metric(scores: np.ndarray, groups: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
+    """Metric of each resample; ``idx`` ``(B, n)`` item indices."""
+    if groups is None:
+        return scores[idx].mean(-1)
+    classes = np.unique(groups)
+    onehot = (groups[idx][..., None] == classes)                      # (B, n, K)
+    counts = onehot.sum(1)
+    sums = (scores[idx][..., None] * onehot).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nanmean(np.where(counts > 0, sums / counts, np.nan), -1)
+
+
+def paired_bootstrap(variant, baseline, groups=None, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> Interval:
+    """Δ = metric(variant) − metric(baseline) on one seed, with the percentile interval of the paired
+    bootstrap over items.  ``variant`` / ``baseline``: per-item scores (e.g. 0/1 correctness, episode
+    accuracy), item ``i`` the same test image or episode for both; ``groups``: per-item class labels
+    for a class-average metric."""
+    a, b = _check_pair(variant, baseline, "paired_bootstrap")
+    g = None if groups is None else np.asarray(groups)
+    full = np.arange(len(a))[None]
+    estimate = float(_metric(a, g, full)[0] - _metric(b, g, full)[0])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    deltas = _metric(a, g, idx) - _metric(b, g, idx)
+    low, high = np.quantile(deltas, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(estimate, float(low), float(high), f"paired bootstrap over {len(a)} items, {samples} resamples")
+
+
+def t_interval(deltas, level: float = LEVEL) -> Interval | None:
+    """Mean of per-seed Δ with the Student-t interval over seeds; None for fewer than 2 seeds."""
+    d = np.asarray(deltas, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    half = _scipy_stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return Interval(float(d.mean()), float(d.mean() - half), float(d.mean() + half), f"t over {len(d)} seeds")
+
+
+def across_seeds(pairs: list[tuple[np.ndarray, np.ndarray]], samples: int = BOOTSTRAP_SAMPLES,
+                 seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> dict:
+    """Per-seed paired differences and their combination over seeds.
+
+    ``pairs``: one ``(variant scores, baseline scores)`` per seed (items paired within a seed; the
+    number of items may differ between seeds).  Returns ``{"per_seed": [Interval], "t": Interval |
+    None, "hierarchical": Interval | None}``; the hierarchical bootstrap draws ``S`` seeds with
+    replacement, then for each drawn seed its items with replacement, and takes the mean of the
+    per-seed Δ of the resample (None for a single seed: there it equals the per-seed bootstrap).
+    """
+    if not pairs:
+        raise ValueError("across_seeds: no seed to combine")
+    checked = [_check_pair(a, b, f"across_seeds (seed #{i})") for i, (a, b) in enumerate(pairs)]
+    per_seed = [paired_bootstrap(a, b, samples=samples, seed=seed, level=level) for a, b in checked]
+    deltas = [p.estimate for p in per_seed]
+    hierarchical = None
+    if len(checked) >= 2:
+        rng = np.random.default_rng(seed)
+        diffs = [a - b for a, b in checked]
+        seeds = rng.integers(0, len(diffs), size=(samples, len(diffs)))
+        values = np.empty(samples)
+        for s in range(samples):
+            values[s] = np.mean([diffs[k][rng.integers(0, len(diffs[k]), len(diffs[k]))].mean() for k in seeds[s]])
+        low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+        hierarchical = Interval(float(np.mean(deltas)), float(low), float(high),
+                                f"hierarchical bootstrap (seeds, then items), {samples} resamples")
+    return {"per_seed": per_seed, "t": t_interval(deltas, level), "hierarchical": hierarchical}
