@@ -170,6 +170,6 @@ def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
 
     argv = ["dvc", "exp", "run", "--queue", "-n", exp.name]
     for k, v in exp.overrides(extra).items():
-        value = json.dumps(v).replace('"', "") if isinstance(v, list) else str(v)
+        value = json.dumps(v, separators=(",", ":")).replace('"', "") if isinstance(v, list) else str(v)
         argv += ["-S", f"{k}={value}"]
     return argv
