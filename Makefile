@@ -5,7 +5,7 @@ SHELL := /bin/bash
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test report seeds bench clean-mlflow
+.PHONY: setup repro test report seeds bench clean-mlflow study premise
 
 setup:
 	scripts/setup.sh
@@ -27,6 +27,15 @@ seeds: repro
 
 report:
 	dvc repro -f -s report
+
+# The study (docs/study.md, study.yaml): trains every missing model through `dvc exp run --queue`,
+# exports finished ones to reports/study/runs/ (committed), rebuilds reports/study/. Resumable.
+study: repro
+	python -m stages.study run
+
+# The study's premise curves (baseline only; reports/study/premise.*). Resumable.
+premise: setup
+	python -m stages.premise
 
 bench:
 	python bench/bench_pretrain.py

@@ -356,12 +356,17 @@ class Params:
         ``variants`` and the sections of the variants other than AugSelf (``baseline``, ``cassle``) are
         left out too: a ``cassle.*`` experiment re-runs only the CASSLE models (dvc.yaml), so the
         baseline and AugSelf runs must stay in the group the report reads; the report keeps the latest
-        run per (method, variant, λ, seed), i.e. the CASSLE run of the new setting.
+        run per (method, variant, λ, seed), i.e. the CASSLE run of the new setting.  The bookkeeping
+        keys of ``ssl`` that change neither data nor arithmetic (``threads``, ``checkpoint_every``,
+        ``log_every``, ``monitor_every``) are left out as well, so a study queued with one thread per
+        worker (stages/study.py) compares with the default run.
         """
         d = to_dict(self)
         d.pop("seed")
         d["augself"].pop("lambda")
         d["ssl"].pop("methods")
+        for key in ("threads", "checkpoint_every", "log_every", "monitor_every"):
+            d["ssl"].pop(key)
         for key in ("variants", "baseline", "cassle", "tracking"):
             d.pop(key)
         return stable_hash(d)

@@ -1,0 +1,107 @@
+"""The study's ledger: one committed file pair per finished model, so no finished run is ever lost.
+
+``reports/study/runs/<model>.json`` holds the model's key (method, variant, λ, strength, seed), its
+MLflow run id, config group, commit and every metric; ``<model>.npz`` the per-item scores the paired
+statistics need (per test image correctness of the linear probe, per episode few-shot accuracy, in
+%, keyed by metric column, as :func:`pipeline.tracking.collect_items` returns them).  The ledger is
+filled from the MLflow store (where every queued DVC experiment logs) by :func:`export_finished`,
+and read back by the study's report; a model is *finished* when its run carries every linear and
+few-shot metric of the configuration.  Because the files are committed, a study interrupted on one
+machine continues on another from what the ledger already holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.params import Params, load_params
+from pipeline.study.plan import Experiment, ModelKey, Study
+
+LEDGER = Path("reports/study/runs")
+
+
+def expected_metrics(params: Params) -> list[str]:
+    """The metric columns a finished model has: linear top-1 and few-shot of every downstream task."""
+    out = []
+    fs = params.eval.fewshot
+    for name, entry in params.data.datasets.items():
+        for task in entry.tasks:
+            out.append(f"linear/{name}/{task}/top1")
+            out += [f"fewshot/{name}/{task}/{fs.ways}way{k}shot" for k in fs.shots]
+    return out
+
+
+def params_of(key: ModelKey, study: Study, params_path: str | Path = "params.yaml") -> Params:
+    lam = key.lam if key.variant == "augself" else load_params(params_path).augself.lambda_
+    exp = Experiment(key.strength, lam, key.seed, (key.method,), (key.variant,))
+    return load_params(params_path, exp.overrides(study.overrides))
+
+
+def done(ledger: Path = LEDGER) -> set[str]:
+    return {p.stem for p in Path(ledger).glob("*.json")}
+
+
+def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
+                    params_path: str | Path = "params.yaml") -> list[str]:
+    """Copy every finished model of ``keys`` that the ledger lacks from MLflow into the ledger."""
+    from pipeline.tracking import _runs_from_mlflow, collect_items
+
+    ledger = Path(ledger)
+    have, written = done(ledger), []
+    by_group: dict[str, tuple[Params, list[ModelKey]]] = {}
+    for key in keys:
+        if key.name in have:
+            continue
+        p = params_of(key, study, params_path)
+        by_group.setdefault(p.group_hash(), (p, []))[1].append(key)
+    for group, (p, group_keys) in by_group.items():
+        p.ssl.methods = sorted({k.method for k in group_keys})
+        try:
+            runs, _ = _runs_from_mlflow(p)
+        except Exception as e:  # noqa: BLE001 - the store is optional: report and keep the ledger as is
+            print(f"[study] MLflow not readable ({type(e).__name__}: {e}); nothing exported")
+            return written
+        if runs.empty:
+            continue
+        need = expected_metrics(p)
+        for key in group_keys:
+            sel = runs[(runs["method"] == key.method) & (runs["variant"] == key.variant)
+                       & (runs["lambda"].astype(float) == float(key.lam)) & (runs["seed"] == key.seed)]
+            if sel.empty:
+                continue
+            row = sel.iloc[-1]
+            if any(c not in row or pd.isna(row[c]) for c in need):
+                continue                                  # still training or evaluating
+            items = collect_items(p, sel.iloc[[-1]]).get(str(row["run_id"]), {})
+            metrics = {c: float(row[c]) for c in row.index if "/" in c and pd.notna(row[c])}
+            record = {"key": {"method": key.method, "variant": key.variant, "lambda": key.lam,
+                              "strength": key.strength, "seed": key.seed},
+                      "run_id": str(row["run_id"]), "group": group, "commit": str(row.get("commit", "")),
+                      "metrics": metrics}
+            ledger.mkdir(parents=True, exist_ok=True)
+            tmp = ledger / f".{key.name}.tmp.npz"
+            np.savez_compressed(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in items.items()})
+            tmp.replace(ledger / f"{key.name}.npz")
+            (ledger / f".{key.name}.tmp").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            (ledger / f".{key.name}.tmp").replace(ledger / f"{key.name}.json")
+            written.append(key.name)
+    return written
+
+
+def read_ledger(ledger: Path = LEDGER) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """(runs table, per-item scores by run id) of every model in the ledger."""
+    rows, items = [], {}
+    for f in sorted(Path(ledger).glob("*.json")):
+        r = json.loads(f.read_text())
+        k = r["key"]
+        rows.append({"run_id": r["run_id"], "model": f.stem, "method": k["method"], "variant": k["variant"],
+                     "lambda": float(k["lambda"]), "strength": k["strength"], "seed": int(k["seed"]), **r["metrics"]})
+        npz = f.with_suffix(".npz")
+        if npz.exists():
+            with np.load(npz, allow_pickle=False) as z:
+                items[r["run_id"]] = {name: z[name].astype(np.float64) for name in z.files}
+    return pd.DataFrame(rows), items

@@ -1,0 +1,70 @@
+"""The study (docs/study.md, study.yaml): python -m stages.study {plan,run,export,report} [--jobs 2]
+
+plan    every model of study.yaml, done (in reports/study/runs/) or not, and the DVC experiments left
+run     export what MLflow already holds, queue the missing models as `dvc exp run --queue`
+        experiments, run the queue, export each model as it finishes, then build reports/study/
+export  copy finished models from MLflow into the ledger (reports/study/runs/)
+report  rebuild reports/study/ from the ledger
+
+Resumable: killed at any point, `make study` (= run) continues from what the ledger and MLflow hold.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+
+from pipeline.study.ledger import done, export_finished
+from pipeline.study.plan import dvc_queue_command, experiments_for, load_study
+from pipeline.study.report import build
+
+
+def _queue_busy() -> bool:
+    out = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
+    return any(w in out for w in ("Queued", "Running"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("plan", "run", "export", "report"))
+    ap.add_argument("--study", default="study.yaml")
+    ap.add_argument("--jobs", type=int, default=2, help="dvc queue workers (each pinned to one CPU thread)")
+    a = ap.parse_args()
+    study = load_study(a.study)
+    models = study.models()
+    if a.action in ("run", "export"):
+        print(f"[study] exported {len(export_finished(study, models))} finished model(s) from MLflow")
+    finished = done()
+    missing = [k for k in models if k.name not in finished]
+    experiments = experiments_for(missing)
+    if a.action == "plan":
+        for k in models:
+            print(f"{'done   ' if k.name in finished else 'missing'} {k.name}  ({', '.join(study.block_of(k))})")
+        print(f"[study] {len(models) - len(missing)}/{len(models)} done; {len(experiments)} experiment(s) left, "
+              f"≈ {len(missing) * study.minutes_per_model:.0f} min at {study.minutes_per_model} min per model")
+        for e in experiments:
+            print("  " + " ".join(dvc_queue_command(e, study.overrides)))
+        return 0
+    if a.action == "run" and experiments:
+        subprocess.run(["dvc", "queue", "remove", "--queued"], check=False)
+        for e in experiments:
+            cmd = dvc_queue_command(e, {**study.overrides, "ssl.threads": 1 if a.jobs > 1 else 0})
+            print("[study] " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        subprocess.run(["dvc", "queue", "start", "-j", str(a.jobs)], check=True)
+        while _queue_busy():
+            time.sleep(30)
+            new = export_finished(study, missing)
+            if new:
+                print(f"[study] finished: {', '.join(new)}", flush=True)
+        export_finished(study, missing)
+        left = [k.name for k in models if k.name not in done()]
+        if left:
+            print(f"[study] {len(left)} model(s) did not finish (see `dvc queue status`, `dvc queue logs`); "
+                  f"run `make study` again to retry them", file=sys.stderr)
+    print(build(study))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

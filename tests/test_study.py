@@ -1,0 +1,139 @@
+"""The study's plan, ledger and report (pipeline/study/), and the premise's probes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.params import load_params
+from pipeline.study import ledger as ledger_mod
+from pipeline.study.plan import ModelKey, dvc_queue_command, experiments_for, load_study
+from pipeline.study.premise import knn_probe, ridge_probe, strength_overrides
+from pipeline.study.report import build
+
+BLOCKS = """
+name: t
+seeds: [0, 1]
+blocks:
+  - {name: core, methods: [simclr, moco], variants: [baseline, augself, cassle], lambda: [1.0], color_strength: [strong]}
+  - {name: lambda, methods: [simclr], variants: [augself], lambda: [0.5, 1.0], color_strength: [strong]}
+  - {name: strength, methods: [simclr], variants: [baseline, augself], lambda: [1.0], color_strength: [weak]}
+"""
+
+
+def study(tmp_path, text=BLOCKS):
+    p = tmp_path / "study.yaml"
+    p.write_text(text)
+    return load_study(p)
+
+
+def test_committed_study_plans_57_models_in_18_experiments():
+    s = load_study("study.yaml")
+    models = s.models()
+    assert len(models) == len(set(models)) == 57
+    assert {k.variant for k in models if k.lam} == {"augself"}       # λ only for AugSelf
+    exps = experiments_for(models)
+    assert sorted(k for e in exps for k in e.models()) == models     # every model in exactly one experiment
+    assert len(exps) == 18
+
+
+def test_models_are_deduplicated_and_baselines_ride_with_the_default_lambda(tmp_path):
+    s = study(tmp_path)
+    models = s.models()
+    # core 2 methods x 3 variants x 2 seeds, + simclr augself λ 0.5 x 2 seeds, + weak simclr b/a x 2 seeds
+    assert len(models) == 12 + 2 + 4
+    exps = experiments_for(models)
+    assert sorted(k for e in exps for k in e.models()) == sorted(models)
+    lam_half = [e for e in exps if e.lam == 0.5]
+    assert all(e.variants == ("augself",) and e.methods == ("simclr",) for e in lam_half)
+    core = [e for e in exps if e.strength == "strong" and e.lam == 1.0]
+    assert {(e.methods, e.variants) for e in core} == {(("simclr", "moco"), ("baseline", "augself", "cassle"))}
+    assert ModelKey("moco", "augself", 1.0, "strong", 1).baseline == ModelKey("moco", "baseline", 0.0, "strong", 1)
+
+
+def test_missing_models_split_into_matrix_shaped_experiments(tmp_path):
+    s = study(tmp_path)
+    missing = [k for k in s.models() if not (k.method == "moco" and k.variant == "cassle")]
+    exps = experiments_for(missing)
+    assert sorted(k for e in exps for k in e.models()) == sorted(missing)
+    shapes = {(e.methods, e.variants) for e in exps if e.strength == "strong" and e.lam == 1.0}
+    assert shapes == {(("simclr",), ("baseline", "augself", "cassle")), (("moco",), ("baseline", "augself"))}
+
+
+def test_queue_command_is_what_dvc_parses():
+    e = experiments_for([ModelKey("simclr", "augself", 0.5, "weak", 3)])[0]
+    cmd = dvc_queue_command(e, {"ssl.epochs": 5})
+    assert cmd[:4] == ["dvc", "exp", "run", "--queue"]
+    sets = dict(a.split("=", 1) for a in cmd[cmd.index("-S") :: 1] if "=" in a)
+    assert sets == {"ssl.epochs": "5", "seed": "3", "ssl.methods": "[simclr]", "variants": "[augself]",
+                    "augment.color_strength": "weak", "augself.lambda": "0.5"}
+    # the overrides make valid params
+    load_params("params.yaml", e.overrides({"ssl.epochs": 5}))
+
+
+@pytest.mark.parametrize("text, match", [
+    (BLOCKS.replace("cassle]", "simclr]"), r"variants"),
+    (BLOCKS.replace("lambda: [0.5, 1.0]", "lambda: [0, 1.0]"), r"lambda: 0 is the baseline"),
+    (BLOCKS.replace("color_strength: [weak]", "color_strength: [huge]"), r"color_strength"),
+    (BLOCKS.replace("seeds: [0, 1]", "seeds: []"), r"seeds"),
+    (BLOCKS + "extra: 1\n", r"unknown keys"),
+])
+def test_bad_study_files_are_refused_naming_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        study(tmp_path, text)
+
+
+def _write_model(ledger, key, metrics, items):
+    ledger.mkdir(parents=True, exist_ok=True)
+    rec = {"key": {"method": key.method, "variant": key.variant, "lambda": key.lam, "strength": key.strength,
+                   "seed": key.seed}, "run_id": key.name, "group": "g", "commit": "c", "metrics": metrics}
+    (ledger / f"{key.name}.json").write_text(json.dumps(rec))
+    np.savez_compressed(ledger / f"{key.name}.npz", **items)
+
+
+def test_report_pairs_each_variant_with_its_own_seeds_baseline(tmp_path):
+    """The study report's Δ is the mean over seeds of the paired per-image difference, computed here
+    directly from the ledger's arrays (not through the report code)."""
+    rng = np.random.default_rng(0)
+    ledger = tmp_path / "runs"
+    col = "linear/cfmnist/hue/top1"
+    per_seed = []
+    for seed in (0, 1, 2):
+        base = (rng.random(400) < 0.5).astype(np.float32) * 100
+        aug = np.where(rng.random(400) < 0.2, 100.0, base).astype(np.float32)     # AugSelf fixes some errors
+        per_seed.append(aug.mean() - base.mean())
+        for key, arr in ((ModelKey("simclr", "baseline", 0.0, "strong", seed), base),
+                         (ModelKey("simclr", "augself", 1.0, "strong", seed), aug)):
+            _write_model(ledger, key, {col: float(arr.mean()), "pretrain/loss_ssl": 1.0}, {col: arr})
+    s = study(tmp_path, BLOCKS.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    readme = build(s, tmp_path / "out", ledger)
+    import pandas as pd
+
+    diff = pd.read_csv(tmp_path / "out" / "differences.csv")
+    row = diff[(diff.metric == col) & (diff.variant == "augself")].iloc[0]
+    assert str(row["seeds"]).split() == ["0", "1", "2"]
+    assert row["delta"] == pytest.approx(np.mean(per_seed), abs=1e-3)
+    assert row["low"] > 0 and row["distinguishable"]
+    text = readme.read_text()
+    assert f"Models finished: **6 of {len(s.models())}**" in text and "simclr-cassle-strong-seed0" in text
+
+
+def test_ridge_and_knn_probes_read_what_the_features_hold():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 600)
+    centres = rng.normal(size=(4, 8)) * 3
+    x = centres[y] + rng.normal(size=(600, 8))
+    noise = rng.normal(size=(600, 8))
+    assert ridge_probe(x[:400], y[:400], x[400:], y[400:], seed=0)["top1"] > 90
+    assert ridge_probe(noise[:400], y[:400], noise[400:], y[400:], seed=0)["top1"] < 40
+    assert knn_probe(x[:400], y[:400], x[400:], y[400:]) > 90
+
+
+def test_strength_overrides_scale_the_jitter_and_grayscale():
+    p = load_params("params.yaml", {"augment.color_strength": "default"})
+    assert strength_overrides(p, "none") == {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+    strong = strength_overrides(p, "strong")
+    assert strong["augment.brightness"] == pytest.approx(2 * p.augment.brightness)
+    assert strong["augment.hue"] == pytest.approx(min(0.5, 2 * p.augment.hue))
+    assert strong["augment.grayscale_p"] == pytest.approx(2 * p.augment.grayscale_p)
