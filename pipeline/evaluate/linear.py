@@ -35,6 +35,32 @@ prediction**, not to a "good enough" one:
    when the path is walked ascending (the official order), and that they equal scikit-learn's
    lbfgs at tol 1e-12 on 10- and 60-class, separable and non-separable problems.
 
+Stopping at the protocol's answer, not at a gradient (issue 12, item 2)
+-----------------------------------------------------------------------
+What is reported is a set of predictions, not a gradient, so with a validation (refit: test) set at
+hand a fit also stops as soon as its predictions there are provably the minimiser's.  ``f`` is
+μ-strongly convex with μ = 2w/n (the L2 term covers weight and bias), so ``‖θ − θ*‖_F ≤ ‖∇f(θ)‖ / μ``
+(we add a float64 error bound of the computed gradient); a logit difference of two classes moves by
+at most ``√2·‖x̃_i‖·‖θ − θ*‖_F`` between θ and θ* (x̃ = [x, 1]), so a prediction whose top-1 margin
+exceeds that is certified (``_HeldOutCertificate``).  Per fit, checked after every accepted step
+(one product over the held-out set):
+
+* ``certified``: every val prediction is certified, the fit's val accuracy is exactly the
+  minimiser's; for the refit, every test prediction: the reported accuracy is exact;
+* ``screened``: the minimiser's val accuracy lies in ``[lo, hi]`` (uncertain predictions counted
+  wrong / right); when ``hi`` is below a proven ``lo`` of a w fitted before (larger w on the
+  descending path, whose ties lose to this one: strict ``<``; ``≤`` on the ascending path) the w cannot
+  be selected, by the minimiser nor by its own early point (whose accuracy is also ≤ hi);
+* ``converged``: ``‖∇f‖ ≤ tol·‖∇f(0)‖`` as before (predictions too close to call at the tolerance);
+* ``floor``: ``_FLOOR_PATIENCE`` iterations where f is below float64 resolution without halving
+  ``‖∇f‖`` (the tiny-w fits used to burn the 500-iteration cap there); not a final answer, listed
+  in ``not_converged`` like ``max_iter``.
+
+``solver.stops`` of ``linear.json`` records the stop of every fit; ``solver.answer_certified`` is
+true when every fit was certified or screened and the refit certified: then the chosen w and the
+reported accuracy are the minimisers' exactly, whatever the tolerance.  ``val_acc_per_wd`` of a
+screened w is the accuracy at its early point (only bounded: ``solver.val_acc_bounds``).
+
 Why the previous default was not enough: at ``max|∇| ≤ 1e-4`` (scikit-learn's default) the weakly
 regularised tail of the sweep is a plateau where a warm start already meets the tolerance, so fits
 stopped at once and the chosen w depended on the path (issue 12: 69.62 % at w = 0.0178 against the
