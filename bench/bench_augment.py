@@ -51,11 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bench.bench_pretrain as bench_pretrain  # noqa: E402
-from bench.bench_pretrain import _pil_loader, _sync, _timed_pil  # noqa: E402
+from bench.bench_pretrain import _pil_loader, _timed_pil  # noqa: E402
 from pipeline.augment import BatchAugment, blur_kernel_size, view_generator  # noqa: E402
 from pipeline.params import AugmentParams, Params  # noqa: E402
 
-_clock = time.perf_counter          # --clock cpu: time.process_time (CPU seconds of this process)
 
 PIPELINE = dict(flip_p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8,
                 grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
@@ -81,22 +80,10 @@ def kornia_pipeline(a: AugmentParams, size: int, dev: torch.device):
 
 
 def _interleaved(fns: dict, rounds: int, steps: int, dev: torch.device) -> dict[str, float]:
-    """Median over rounds of the seconds per call of each ``fn(i)``; conditions interleaved per round."""
-    i = 0
-    for fn in fns.values():          # warm-up: one untimed call each
-        fn(i)
-        i += 1
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(dev)
-            t0 = _clock()
-            for _ in range(steps):
-                fn(i)
-                i += 1
-            _sync(dev)
-            times[name].append((_clock() - t0) / steps)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    """Median over rounds of the seconds per call of each ``fn(i)``, conditions interleaved per round
+    (bench_pretrain's timer: one untimed warm-up call each, then ``steps`` calls per round)."""
+    per_round = bench_pretrain._timed_interleaved(fns, steps * rounds, rounds, 1, dev)
+    return {k: float(np.median(v)) for k, v in per_round.items()}
 
 
 def measure(size: int, args, dev: torch.device) -> dict:
@@ -160,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: count CPU seconds of this process instead of wall time, for a machine shared with "
                          "other jobs; the PIL feed then runs in-process (--workers 0) so that its work counts")
     args = ap.parse_args(argv)
-    global _clock
-    if args.clock == "cpu":
-        _clock = bench_pretrain._clock = time.process_time
+    if args.clock == "cpu":                  # bench_pretrain's timer counts CPU seconds of this process
+        bench_pretrain._clock = time.process_time
         args.workers = 0
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
