@@ -21,7 +21,7 @@ def write_params(tmp_path, **overrides):
 def test_project_params_load_and_round_trip():
     params = load_params(ROOT / "params.yaml")
     assert params.augself.lambda_ == 1.0
-    assert params.data.downstream[:3] == ["cfmnist/class", "cfmnist/color", "cfmnist/fine"]
+    assert params.data.downstream[:3] == ["cfmnist/class", "cfmnist/color", "cfmnist/hue"]
     again = load_params(ROOT / "params.yaml", overrides={})
     assert to_dict(again) == to_dict(params)
 
