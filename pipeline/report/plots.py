@@ -200,7 +200,7 @@ def lambda_figure(summary: pd.DataFrame, specs: list[MetricSpec], title: str) ->
         ax.set_title(spec.label)
     handles = [Line2D([], [], color=OKABE_ITO[i % len(OKABE_ITO)], marker=METHOD_MARKERS[i % len(METHOD_MARKERS)],
                       label=m) for i, m in enumerate(methods)]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False,
                title="mean over seeds, ± std where ≥ 2 seeds")
     return fig
 
@@ -284,7 +284,7 @@ def loss_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title: s
     handles = [Line2D([], [], color=colour[c], linestyle="-" if c[0] == "baseline" else "--",
                       label="baseline (λ = 0)" if c[0] == "baseline" else f"AugSelf λ = {lambda_label(c[1])}")
                for c in colour if c in configs]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False,
                title="mean over seeds, band ± std where ≥ 2 seeds")
     return fig, notes
 
@@ -307,7 +307,8 @@ def monitor_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title
     aug_lams = sorted(lam for v, lam in configs if v == "augself")
     colour = {("baseline", 0.0): BASELINE_COLOUR}
     colour.update({("augself", lam): AUGSELF_COLOURS[i % len(AUGSELF_COLOURS)] for i, lam in enumerate(aug_lams)})
-    fig = Figure(figsize=(3.9 * len(methods), 2.6 * len(tasks) + 1.0), layout="constrained")
+    colour.update({("cassle", lam): CASSLE_COLOUR for v, lam in configs if v == "cassle"})
+    fig = Figure(figsize=(max(7.5, 3.9 * len(methods)), 2.6 * len(tasks) + 1.4), layout="constrained")
     axes = fig.subplots(len(tasks), len(methods), squeeze=False, sharex="col")
     fig.suptitle(title, fontweight="bold")
     for col, method in enumerate(methods):
@@ -334,11 +335,11 @@ def monitor_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title
             if row == len(tasks) - 1:
                 ax.set_xlabel("optimiser step")
                 ax.tick_params(labelbottom=True)
-    handles = [Line2D([], [], color=colour[c], label="baseline (λ = 0)" if c[0] == "baseline"
-                      else f"AugSelf λ = {lambda_label(c[1])}") for c in colour if c in configs]
+    handles = [Line2D([], [], color=colour[c], label="baseline (λ = 0)" if c[0] == "baseline" else "CASSLE"
+                      if c[0] == "cassle" else f"AugSelf λ = {lambda_label(c[1])}") for c in colour if c in configs]
     handles += [Line2D([], [], color="#555555", linestyle="-", label="weighted kNN (k = 200)"),
                 Line2D([], [], color="#555555", linestyle=":", label="1-NN")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False,
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False,
                title="frozen backbone on a fixed subset; mean over seeds, band ± std where ≥ 2 seeds")
     return fig, []
 
