@@ -294,11 +294,11 @@ def test_bad_inputs_are_refused_before_compute(tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized() and not any(tmp_path.iterdir())
 
 
-def test_request_is_checked_once_against_ssl_methods(tmp_path):
-    params = tiny_params(methods=["simclr"])
+def test_request_is_checked_once_against_ssl_methods_and_variants(tmp_path):
+    params = dataclasses.replace(tiny_params(methods=["simclr"]), variants=["baseline", "augself"])
     with pytest.raises(ConfigError, match=r"ssl.methods: unknown value 'byol'; allowed values: simclr"):
         pretrain(params, "byol", "baseline", tiny_images(), tmp_path, device="cpu")
-    with pytest.raises(ConfigError, match=r"variant: unknown value 'cassle'"):
+    with pytest.raises(ConfigError, match=r"variants: unknown value 'cassle'; allowed values: baseline, augself"):
         pretrain(params, "simclr", "cassle", tiny_images(), tmp_path, device="cpu")
     assert not any(tmp_path.iterdir())
 
