@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -191,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                          "workers": args.workers, "images": max(args.images, 2 * args.batch_size),
                          "pipeline": PIPELINE},
               "sizes": rows}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    bench_pretrain.write_result(out, result)
     return 0
 
 

@@ -388,10 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                          "speedup": speedup, "batched_ms_per_batch": 1e3 * t_aug},
         "methods": rows, "targets": TARGETS, "checks": checks,
     }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_result(out, result)
     return 0
 
 
@@ -415,11 +412,16 @@ def _write_variant_result(args, cfg, dev, device_name, load_start, params, rows,
                    "cassle": dataclasses.asdict(params.cassle), "images": n_img},
         "methods": rows,
     }
+    write_result(out, result)
+    return 0
+
+
+def write_result(out: Path, result: dict) -> None:
+    """Write a bench's JSON atomically (temp file + rename) and say where (the bench scripts share it)."""
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    return 0
 
 
 if __name__ == "__main__":
