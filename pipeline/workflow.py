@@ -20,7 +20,7 @@ from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.params import Params
 from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, display_uri,
-                               git_commit, read_run_id, tracking_uri)
+                               read_run_id, tracking_uri)
 
 
 def default_device() -> str:
@@ -333,9 +333,16 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
     runs, curves, source = collect_results(params, Path(models_dir), Path(metrics_dir))
     if runs.empty:
         raise FileNotFoundError(f"no finished runs of this configuration in {source}; run `dvc repro` first")
+    # Speed is machine-local: a rerun that reproduces every model still measures other images/s, so the
+    # committed report leaves it out (issue 17); it is in MLflow (pretrain/images_per_s) and in the
+    # study's cost table, measured once per study model (reports/study/).
+    from pipeline.train import TIMING_KEYS
+
+    runs = runs.drop(columns=[c for c in TIMING_KEYS if c in runs.columns])
     context = {
-        "commit": git_commit(),
-        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "notes": ["Throughput (images/s) is not in this report: it differs between machines and runs, so a "
+                  "rerun would rewrite the committed file. It is in MLflow (`pretrain/images_per_s`) and in "
+                  "the study's cost table (`reports/study/`)."],
         "params": flatten(to_dict(params)),
         "params_file": str(params_path),
         "source": source.replace(tracking_uri(), display_uri(tracking_uri())),   # no machine paths in reports/

@@ -41,24 +41,27 @@ TITLE = "AugSelf vs baseline: comparison report"
 FIGURE_PREFIX = "fig_"
 _EXPECTED = {LINEAR: "linear/<dataset>/<task>/top1", FEWSHOT: "fewshot/<dataset>/<task>/<N>way<K>shot",
              PROBE: "probe/<aug>/r2"}
-_RUN_COLUMNS = {"run_id": "run id", "method": "method", "variant": "variant", "lambda": "λ", "seed": "seed",
-                "dvc_exp": "dvc exp", "commit": "commit", "start_time": "start time"}
+# The runs table of the committed report holds only what a rerun that reproduces gives again: run ids,
+# commits and start times are machine- and time-local (issue 17), they are in MLflow (its runs table).
+_RUN_COLUMNS = {"method": "method", "variant": "variant", "lambda": "λ", "seed": "seed", "dvc_exp": "dvc exp"}
 
 
 def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, out_dir: str | Path,
                  context: Mapping, items: Mapping[str, Mapping] | None = None) -> list[Path]:
     """Regenerate the report in ``out_dir``; return the files written.
 
-    ``context``: ``commit``, ``generated_at``, ``params`` (flattened, dotted keys; a nested mapping is
-    flattened here), ``command``, optional ``notes`` (a string or a list of strings) and optional
-    ``source`` (where the runs were read from, shown next to the commit).  The default λ
+    ``context``: ``params`` (flattened, dotted keys; a nested mapping is flattened here), ``command``,
+    optional ``notes`` (a string or a list of strings) and optional ``source`` (where the runs were read
+    from).  ``commit`` and ``generated_at`` may be given but are not written: the report is a function
+    of the runs, so a rerun that reproduces them rewrites it byte for byte (the commit that holds it
+    is its provenance).  The default λ
     of the Δ rows is ``params['augself.lambda']``.  Previous ``fig_*`` files in ``out_dir`` are removed
     first, so a figure that can no longer be drawn does not linger.  ``items``: per run id, per-item
     scores by metric column (``pipeline.tracking.collect_items``); with them the report adds the
     paired differences (``differences.csv``, a table and a forest plot, :mod:`pipeline.report.paired`).
     """
     if not isinstance(context, Mapping):
-        raise ValueError(f"context: expected a mapping with commit, generated_at, params, command; "
+        raise ValueError(f"context: expected a mapping with params and command; "
                          f"got {type(context).__name__}")
     runs, notes = validate_runs(runs)
     curves = curves or {}
@@ -206,8 +209,6 @@ def _meta(context: Mapping, runs: pd.DataFrame, default_lambda: float | None) ->
     groups = sorted(set(runs["group"].astype(str)) - {"", "nan", "None"})
     lambdas = sorted(set(runs.loc[runs["variant"] == "augself", "lambda"]))
     return {
-        "commit": f"`{context.get('commit') or 'unknown'}`",
-        "generated": str(context.get("generated_at") or "unknown"),
         "command": f"`{context.get('command') or 'unknown'}`",
         "config group": f"`{groups[0]}`" if groups else "unknown",
         **({"source": str(context["source"])} if context.get("source") else {}),

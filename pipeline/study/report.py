@@ -72,6 +72,49 @@ def _curve_figure(runs: pd.DataFrame, x: str, order: list, title: str, metrics: 
     return True
 
 
+_TASKS = {"linear/cfmnist/hue/top1": "hue (24)", "linear/cfmnist/color/top1": "colour (6)",
+          "linear/cfmnist/class/top1": "garment", "linear/digits/class/top1": "digits",
+          "fewshot/cfmnist/hue/5way5shot": "hue 5-w 5-s", "probe/color/r2": "ω colour R²"}
+SPEED = "pretrain/images_per_s"
+
+
+def _means_table(runs: pd.DataFrame) -> list[str]:
+    """Mean ± sd over seeds of every task, one row per strength × method × variant × λ."""
+    cols = [c for c in _TASKS if c in runs]
+    if not cols:
+        return []
+    lines = ["## Accuracy per model (mean ± sd over seeds)", "",
+             "| strength | method | variant | λ | seeds | " + " | ".join(_TASKS[c] for c in cols) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(cols)]
+    for (strength, method, variant, lam), g in runs.groupby(["strength", "method", "variant", "lambda"]):
+        cells = []
+        for c in cols:
+            v = g[c].dropna()
+            digits = 3 if c.startswith("probe/") else 1
+            cells.append("" if v.empty else f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
+        lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {len(g)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _cost_table(runs: pd.DataFrame) -> list[str]:
+    """Pretraining throughput per method × variant (strong colour, every λ), relative to the baseline."""
+    if SPEED not in runs:
+        return []
+    sub = runs[runs["strength"] == "strong"].dropna(subset=[SPEED])
+    lines = ["## Cost: pretraining images/s", "",
+             "Measured once per study model, as `make study` ran them (two DVC queue workers of one CPU "
+             "thread each on the 2-core machine, so absolute numbers are per thread and shared; the ratio "
+             "to the baseline of the same method is the cost).", "",
+             "| method | variant | models | images/s (mean) | vs baseline |", "|---|---|---:|---:|---:|"]
+    for method, m in sub.groupby("method", sort=False):
+        base = m.loc[m["variant"] == "baseline", SPEED].mean()
+        for variant, g in m.groupby("variant"):
+            ratio = g[SPEED].mean() / base if base == base and base > 0 else float("nan")
+            lines.append(f"| {method} | {variant} | {len(g)} | {g[SPEED].mean():.0f} | "
+                         f"{'' if ratio != ratio else f'{ratio:.2f}×'} |")
+    return lines + [""]
+
+
 def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LEDGER) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +167,8 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
                     lines.append(f"* cost on `{r['label']}` ({r['strength']}, {r['method']}, {r['variant']}): "
                                  f"Δ = {_fmt_interval(r)}{' (distinguishable)' if r['distinguishable'] else ''}.")
             lines.append("")
+    lines += _means_table(runs)
+    lines += _cost_table(runs)
     order = ["weak", "default", "strong"]
     if _curve_figure(runs[runs["method"] == "simclr"], "strength", order,
                      "SimCLR: hue and garment class vs colour strength", [PRIMARY, COST[0]], out_dir / "strength.png"):
