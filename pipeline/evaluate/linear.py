@@ -22,7 +22,9 @@ prediction**, not to a "good enough" one:
 
 1. the objective divided by ``n`` (same minimiser) is minimised in **float64** with **trust-region
    Newton-CG** (TRON, Lin, Weng & Keerthi 2008, the solver of liblinear): Hessian-vector products
-   are two matrix products over one transposed copy of the features (``_LogisticObjective``);
+   are two matrix products over one transposed copy of the features (``_LogisticObjective``), the
+   inner CG is preconditioned by a Kronecker-factored approximation of the Hessian
+   (``_KroneckerPreconditioner``), and a warm-started fit begins with a full Newton step;
 2. each fit stops when ``‖∇f‖₂ ≤ tol·‖∇f(0)‖₂`` (``eval.linear.tol``, default 1e-9, relative to the
    gradient at θ = 0, which is the same for every w).  Near the minimiser the decrease of ``f``
    falls below float64 resolution, where TRON's ratio test becomes noise; there a step is accepted
@@ -30,7 +32,8 @@ prediction**, not to a "good enough" one:
    relative gradient is ≈ 1e-10 on weakly regularised, nearly separable fits: 1e-9 keeps a margin,
    and the tests show that asking for 1e-11 changes no prediction);
 3. the path is walked from the largest w to the smallest, each fit warm-started at the previous
-   solution (a continuation, as glmnet does; it only changes the cost).  ``tests/test_evaluate.py``
+   solution or its secant extrapolation in log w (a continuation, as glmnet does; it only changes
+   the cost).  ``tests/test_evaluate.py``
    shows that the chosen w and test accuracy do not move when the tolerance is tightened by 100×,
    when the path is walked ascending (the official order), and that they equal scikit-learn's
    lbfgs at tol 1e-12 on 10- and 60-class, separable and non-separable problems.
