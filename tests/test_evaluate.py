@@ -116,16 +116,23 @@ def test_regularisation_path_warm_start_reaches_the_cold_start_optimum():
     assert path[0].weight.abs().max() < path[2].weight.abs().max()  # more L2, smaller weights
 
 
-def test_kronecker_preconditioner_is_the_hessian_for_one_example_and_inverts_itself():
-    """With one example the Hessian is one Kronecker product, so the preconditioner must equal it."""
-    x, y = clusters(1, 7, 4, 0.5, seed=3)
+def test_block_preconditioner_holds_the_hessian_diagonal_blocks_and_inverts_them_on_the_iterates_subspace():
+    x, y = clusters(50, 7, 4, 0.5, seed=3)
     obj = linear._LogisticObjective(torch.from_numpy(x).double(), torch.from_numpy(y), 4)
-    theta = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(4, 8, dtype=torch.float64, generator=g)
     _, _, prob = obj.loss_grad(theta, 0.3)
     pre = obj.preconditioner(prob, 0.3)
-    v = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(pre.matvec(v), obj.hvp(prob, v, 0.3))
-    torch.testing.assert_close(pre.matvec(pre.solve(v)), v)
+    for a in range(4):                              # block a = the Hessian restricted to class a's row
+        e = torch.zeros(4, 8, dtype=torch.float64)
+        v = torch.randn(8, dtype=torch.float64, generator=g)
+        e[a] = v
+        torch.testing.assert_close(pre.matvec(e)[a], obj.hvp(prob, e, 0.3)[a])
+    v = torch.randn(4, 8, dtype=torch.float64, generator=g)
+    v -= v.mean(0, keepdim=True)                    # rows summing to zero: where θ and ∇f live
+    torch.testing.assert_close(pre.solve(pre.matvec(v)), v)            # P₀ M⁻¹ M v = v there
+    w = torch.randn(4, 8, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(pre.solve(w).sum(0), torch.zeros(8, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_warm_started_fit_reaches_the_next_solution_in_a_few_newton_steps():
@@ -145,7 +152,7 @@ def test_preconditioning_cuts_the_hessian_products_of_a_weakly_regularised_path(
     with_pre = regularisation_path(xt, yt, 10, wds)
     original = linear._LogisticObjective.preconditioner
     try:
-        linear._LogisticObjective.preconditioner = lambda self, prob, reg, features=None: None
+        linear._LogisticObjective.preconditioner = lambda self, prob, reg: None
         without = regularisation_path(xt, yt, 10, wds)
     finally:
         linear._LogisticObjective.preconditioner = original
