@@ -28,14 +28,17 @@ def study(tmp_path, text=BLOCKS):
     return load_study(p)
 
 
-def test_committed_study_plans_57_models_in_18_experiments():
+def test_committed_study_plans_34_models_in_17_experiments_core_first():
     s = load_study("study.yaml")
     models = s.models()
-    assert len(models) == len(set(models)) == 57
+    assert len(models) == len(set(models)) == 34
     assert {k.variant for k in models if k.lam} == {"augself"}       # λ only for AugSelf
     exps = experiments_for(models)
     assert sorted(k for e in exps for k in e.models()) == models     # every model in exactly one experiment
-    assert len(exps) == 18
+    assert len(exps) == 17 and all(len(e.methods) == 1 for e in exps)   # one method per experiment
+    order = sorted(exps, key=lambda e: (s.priority(e.models()), e.seed))
+    assert [s.priority(e.models()) for e in order[:12]] == [0] * 12        # the core (with CASSLE) first
+    assert order[0].name == "study-strong-lam1-s0-ba-au-ca-simclr"
 
 
 def test_models_are_deduplicated_and_baselines_ride_with_the_default_lambda(tmp_path):
@@ -48,8 +51,20 @@ def test_models_are_deduplicated_and_baselines_ride_with_the_default_lambda(tmp_
     lam_half = [e for e in exps if e.lam == 0.5]
     assert all(e.variants == ("augself",) and e.methods == ("simclr",) for e in lam_half)
     core = [e for e in exps if e.strength == "strong" and e.lam == 1.0]
-    assert {(e.methods, e.variants) for e in core} == {(("simclr", "moco"), ("baseline", "augself", "cassle"))}
+    assert {(e.methods, e.variants) for e in core} == {(("simclr",), ("baseline", "augself", "cassle")),
+                                                       (("moco",), ("baseline", "augself", "cassle"))}
     assert ModelKey("moco", "augself", 1.0, "strong", 1).baseline == ModelKey("moco", "baseline", 0.0, "strong", 1)
+
+
+def test_a_block_may_run_fewer_seeds_than_the_study(tmp_path):
+    s = study(tmp_path, BLOCKS.replace("color_strength: [weak]}", "color_strength: [weak], seeds: [0]}"))
+    weak = [k for k in s.models() if k.strength == "weak"]
+    assert sorted((k.variant, k.seed) for k in weak) == [("augself", 0), ("baseline", 0)]
+    assert s.block_of(ModelKey("simclr", "baseline", 0.0, "weak", 0)) == ["strength"]
+    with pytest.raises(ConfigError, match=r"blocks\[2\]\.seeds"):
+        study(tmp_path, BLOCKS.replace("color_strength: [weak]}", "color_strength: [weak], seeds: []}"))
+    with pytest.raises(ConfigError, match=r"unknown keys \['seed'\]"):
+        study(tmp_path, BLOCKS.replace("color_strength: [weak]}", "color_strength: [weak], seed: [0]}"))
 
 
 def test_missing_models_split_into_matrix_shaped_experiments(tmp_path):

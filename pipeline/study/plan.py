@@ -7,7 +7,7 @@
     name: colour-strong-5ep
     seeds: [0, 1, 2]
     blocks:                      # each block is a full crossing of its lists
-      - name: core
+      - name: core               # (optional `seeds:` per block, else the study's)
         methods: [simclr, simsiam, moco, byol]
         variants: [baseline, augself, cassle]
         lambda: [1.0]
@@ -16,9 +16,11 @@
 A *model* is one (method, variant, λ, colour strength, seed); λ only matters for ``augself`` (the other
 variants train with λ = 0 whatever ``augself.lambda`` says, so they are planned once, at the block's
 first λ).  The plan is the union of every block's models.  Models already in the ledger
-(:mod:`pipeline.study.ledger`) are done; the others are grouped into as few DVC experiments as the
-pipeline's matrix allows: one experiment per (strength, λ, seed) and per set of variants, over the
-methods that need exactly that set (``dvc.yaml`` trains ``ssl.methods × variants``).
+(:mod:`pipeline.study.ledger`) are done; the others are grouped into one DVC experiment per
+(strength, λ, seed, method), over the variants that method needs there (``dvc.yaml`` trains
+``ssl.methods × variants``).  One method per experiment keeps the unit of loss small: a model's
+backbone lives in the experiment's temporary workspace until the experiment's evaluation stages have
+logged it, so a study killed mid-experiment retrains at most that experiment's 1-3 models.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Block:
     variants: list[str]
     lambdas: list[float]
     strengths: list[str]
+    seeds: list[int] | None = None      # this block's seeds; None: the study's
 
 
 @dataclass
@@ -77,13 +80,23 @@ class Study:
                     lams = b.lambdas if variant == "augself" else [0.0]
                     for lam in lams:
                         for strength in b.strengths:
-                            for seed in self.seeds:
+                            for seed in (b.seeds if b.seeds is not None else self.seeds):
                                 keys.add(ModelKey(method, variant, float(lam), strength, int(seed)))
         return sorted(keys)
 
+    def priority(self, keys) -> int:
+        """The index in ``blocks`` of the first block any of ``keys`` belongs to (queue order)."""
+        return _block_rank(self, keys)
+
     def block_of(self, key: ModelKey) -> list[str]:
         return [b.name for b in self.blocks if key.method in b.methods and key.variant in b.variants
-                and key.strength in b.strengths and (key.variant != "augself" or key.lam in b.lambdas)]
+                and key.strength in b.strengths and (key.variant != "augself" or key.lam in b.lambdas)
+                and key.seed in (b.seeds if b.seeds is not None else self.seeds)]
+
+
+def _block_rank(study: "Study", keys) -> int:
+    names = [b.name for b in study.blocks]
+    return min((names.index(n) for k in keys for n in study.block_of(k)), default=len(names))
 
 
 def load_study(path: str | Path = STUDY_FILE) -> Study:
@@ -109,8 +122,15 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
                 raise ConfigError(f"{where}.lambda: {lam!r} must be a number >= 0")
         if "augself" in b["variants"] and 0 in b["lambda"]:
             raise ConfigError(f"{where}.lambda: 0 is the baseline; list the variant 'baseline' instead")
+        unknown_b = set(b) - {"name", "methods", "variants", "lambda", "color_strength", "seeds"}
+        if unknown_b:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown_b)}; allowed: name, methods, variants, "
+                              f"lambda, color_strength, seeds")
+        block_seeds = b.get("seeds")
+        if block_seeds is not None and (not block_seeds or not all(isinstance(x, int) and x >= 0 for x in block_seeds)):
+            raise ConfigError(f"{where}.seeds: a non-empty list of integers >= 0, got {block_seeds!r}")
         blocks.append(Block(b["name"], list(b["methods"]), list(b["variants"]), [float(x) for x in b["lambda"]],
-                            list(b["color_strength"])))
+                            list(b["color_strength"]), list(block_seeds) if block_seeds is not None else None))
     if not blocks:
         raise ConfigError(f"{path}: blocks is empty")
     seeds = raw.get("seeds") or []
@@ -134,7 +154,7 @@ class Experiment:
     @property
     def name(self) -> str:
         return (f"study-{self.strength}-lam{self.lam:g}-s{self.seed}-"
-                f"{'-'.join(v[:2] for v in self.variants)}-{'-'.join(m[:2] for m in self.methods)}")
+                f"{'-'.join(v[:2] for v in self.variants)}-{'-'.join(self.methods)}")
 
     def overrides(self, extra: dict | None = None) -> dict:
         return {**(extra or {}), "seed": self.seed, "ssl.methods": list(self.methods),
@@ -155,12 +175,9 @@ def experiments_for(missing: list[ModelKey], default_lambda: float = 1.0) -> lis
         cells[(k.strength, lam, k.seed)][k.method].add(k.variant)
     out = []
     for (strength, lam, seed), by_method in sorted(cells.items()):
-        by_variants: dict[tuple, list[str]] = defaultdict(list)
         for method in METHODS:
             if method in by_method:
-                by_variants[tuple(v for v in VARIANTS if v in by_method[method])].append(method)
-        for variants, methods in sorted(by_variants.items()):
-            out.append(Experiment(strength, lam, seed, tuple(methods), variants))
+                out.append(Experiment(strength, lam, seed, (method,), tuple(v for v in VARIANTS if v in by_method[method])))
     return out
 
 
