@@ -39,7 +39,7 @@ FAMILY_TITLES = {
     LINEAR: "Linear evaluation: top-1 accuracy (%)",
     FEWSHOT: "Few-shot evaluation: accuracy (%)",
     PROBE: "Augmentation awareness: linear probe of ω from frozen features",
-    PRETRAIN: "Pretraining: final losses and throughput",
+    PRETRAIN: "Pretraining: final losses",
 }
 
 _LINEAR_RE = re.compile(r"^linear/(?P<dataset>[^/]+)/(?P<task>[^/]+)/top1$")
