@@ -83,7 +83,7 @@ def _means_table(runs: pd.DataFrame) -> list[str]:
     cols = [c for c in _TASKS if c in runs]
     if not cols:
         return []
-    lines = ["## Accuracy per model (mean ± sd over seeds)", "",
+    lines = ["## Accuracy per model (mean ± sd over seeds; the sd where ≥ 2 seeds ran)", "",
              "| strength | method | variant | λ | seeds | " + " | ".join(_TASKS[c] for c in cols) + " |",
              "|---|---|---|---:|---:|" + "---:|" * len(cols)]
     for (strength, method, variant, lam), g in runs.groupby(["strength", "method", "variant", "lambda"]):
@@ -91,7 +91,7 @@ def _means_table(runs: pd.DataFrame) -> list[str]:
         for c in cols:
             v = g[c].dropna()
             digits = 3 if c.startswith("probe/") else 1
-            cells.append("" if v.empty else f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
+            cells.append("" if v.empty else f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else ""))
         lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {len(g)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -102,9 +102,10 @@ def _cost_table(runs: pd.DataFrame) -> list[str]:
         return []
     sub = runs[runs["strength"] == "strong"].dropna(subset=[SPEED])
     lines = ["## Cost: pretraining images/s", "",
-             "Measured once per study model, as `make study` ran them (two DVC queue workers of one CPU "
-             "thread each on the 2-core machine, so absolute numbers are per thread and shared; the ratio "
-             "to the baseline of the same method is the cost).", "",
+             "Measured once per model as it was trained: the default slice (SimCLR seed 0) by `dvc repro` "
+             "alone on 2 threads, the rest by `make study`'s two DVC queue workers of one thread each on "
+             "the 2-core machine (shared), so compare a variant with the baseline of the same method and "
+             "seed conditions; the ratio to the baseline is the cost.", "",
              "| method | variant | models | images/s (mean) | vs baseline |", "|---|---|---:|---:|---:|"]
     for method, m in sub.groupby("method", sort=False):
         base = m.loc[m["variant"] == "baseline", SPEED].mean()
