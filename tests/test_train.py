@@ -33,8 +33,10 @@ def tiny_params(**ssl_overrides) -> Params:
     p = Params()
     small = dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=16, queue_size=64)
     methods = {m: dataclasses.replace(getattr(p.ssl, m), **small) for m in METHODS}
+    # channels_last=False: oneDNN's channels-last 1x1-conv weight gradient crashes for width 4 on AMD
+    # EPYC CPUs (torch 2.14.1; docs/reliability.md)
     ssl = dict(methods=list(METHODS), width=4, batch_size=16, epochs=2, lr=1.6, log_every=2,
-               checkpoint_every=100, threads=1, **methods)
+               checkpoint_every=100, threads=1, channels_last=False, **methods)
     ssl.update(ssl_overrides)
     return dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, **ssl),
                                augself=dataclasses.replace(p.augself, hidden_dim=32, augmentations=["crop", "color"]))
