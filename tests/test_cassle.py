@@ -28,7 +28,7 @@ MOMENTUM = {"moco": "key_projector", "byol": "target_projector"}
 
 def omega_batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
     """Two real views of n random images and their ω (the augmentation's own output)."""
-    aug = BatchAugment(Params().augment, SIZE)
+    aug = BatchAugment(Params().augment, SIZE, channels_last=False)   # docs/reliability.md: oneDNN, width 4
     g = view_generator(seed, 0, 0)
     x = torch.randint(0, 256, (n, SIZE, SIZE, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     v1, w1 = aug(x, g)
