@@ -80,23 +80,23 @@ class Study:
                     lams = b.lambdas if variant == "augself" else [0.0]
                     for lam in lams:
                         for strength in b.strengths:
-                            for seed in (b.seeds if b.seeds is not None else self.seeds):
+                            for seed in self.seeds_of(b):
                                 keys.add(ModelKey(method, variant, float(lam), strength, int(seed)))
         return sorted(keys)
 
     def priority(self, keys) -> int:
         """The index in ``blocks`` of the first block any of ``keys`` belongs to (queue order)."""
-        return _block_rank(self, keys)
+        names = [b.name for b in self.blocks]
+        return min((names.index(n) for k in keys for n in self.block_of(k)), default=len(names))
+
+    def seeds_of(self, block: Block) -> list[int]:
+        """The block's own seeds, or the study's."""
+        return block.seeds if block.seeds is not None else self.seeds
 
     def block_of(self, key: ModelKey) -> list[str]:
         return [b.name for b in self.blocks if key.method in b.methods and key.variant in b.variants
                 and key.strength in b.strengths and (key.variant != "augself" or key.lam in b.lambdas)
-                and key.seed in (b.seeds if b.seeds is not None else self.seeds)]
-
-
-def _block_rank(study: "Study", keys) -> int:
-    names = [b.name for b in study.blocks]
-    return min((names.index(n) for k in keys for n in study.block_of(k)), default=len(names))
+                and key.seed in self.seeds_of(b)]
 
 
 def load_study(path: str | Path = STUDY_FILE) -> Study:
