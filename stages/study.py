@@ -36,9 +36,7 @@ def main() -> int:
         print(f"[study] exported {len(export_finished(study, models))} finished model(s) from MLflow")
     finished = done()
     missing = [k for k in models if k.name not in finished]
-    # Queue order: the blocks in study.yaml's order (the core first), then by seed, so that a study cut
-    # short by its budget has its main claim complete before any slice.
-    experiments = sorted(experiments_for(missing), key=lambda e: (study.priority(e.models()), e.seed))
+    experiments = study.queue_order(experiments_for(missing))
     if a.action == "plan":
         for k in models:
             print(f"{'done   ' if k.name in finished else 'missing'} {k.name}  ({', '.join(study.block_of(k))})")

@@ -28,7 +28,7 @@ def study(tmp_path, text=BLOCKS):
     return load_study(p)
 
 
-def test_committed_study_plans_34_models_in_17_experiments_core_first():
+def test_committed_study_plans_34_models_in_17_experiments_seed_0_of_every_block_first():
     s = load_study("study.yaml")
     models = s.models()
     assert len(models) == len(set(models)) == 34
@@ -36,8 +36,9 @@ def test_committed_study_plans_34_models_in_17_experiments_core_first():
     exps = experiments_for(models)
     assert sorted(k for e in exps for k in e.models()) == models     # every model in exactly one experiment
     assert len(exps) == 17 and all(len(e.methods) == 1 for e in exps)   # one method per experiment
-    order = sorted(exps, key=lambda e: (s.priority(e.models()), e.seed))
-    assert [s.priority(e.models()) for e in order[:12]] == [0] * 12        # the core (with CASSLE) first
+    order = s.queue_order(exps)
+    assert [e.seed for e in order] == [0] * 9 + [1] * 4 + [2] * 4         # every block at seed 0 first
+    assert [s.priority(e.models()) for e in order[:9]] == [0] * 4 + [2] * 3 + [3] * 2   # core, λ, strength
     assert order[0].name == "study-strong-lam1-s0-ba-au-ca-simclr"
 
 

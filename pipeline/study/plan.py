@@ -85,9 +85,14 @@ class Study:
         return sorted(keys)
 
     def priority(self, keys) -> int:
-        """The index in ``blocks`` of the first block any of ``keys`` belongs to (queue order)."""
+        """The index in ``blocks`` of the first block any of ``keys`` belongs to."""
         names = [b.name for b in self.blocks]
         return min((names.index(n) for k in keys for n in self.block_of(k)), default=len(names))
+
+    def queue_order(self, experiments: list) -> list:
+        """Seed 0 of every block first (in the blocks' order), then seed 1, then seed 2: a study cut short
+        has every dimension of the design at one seed before it has more seeds of any."""
+        return sorted(experiments, key=lambda e: (e.seed, self.priority(e.models())))
 
     def seeds_of(self, block: Block) -> list[int]:
         """The block's own seeds, or the study's."""
