@@ -15,13 +15,16 @@ import sys
 import time
 
 from pipeline.study.ledger import done, export_finished
-from pipeline.study.plan import dvc_queue_command, experiments_for, load_study
+from pipeline.study.plan import dvc_queue_command, experiments_for, load_study, parse_queue_status
 from pipeline.study.report import build
 
 
+def _queue_status() -> tuple[dict[str, str], int]:
+    return parse_queue_status(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout)
+
+
 def _queue_busy() -> bool:
-    out = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
-    return any(w in out for w in ("Queued", "Running"))
+    return bool(_queue_status()[0])
 
 
 def main() -> int:
@@ -46,12 +49,19 @@ def main() -> int:
             print("  " + " ".join(dvc_queue_command(e, study.overrides)))
         return 0
     if a.action == "run" and experiments:
+        # Re-queue what waits (so it runs the current workspace); leave what a worker already runs (a
+        # `make study` whose own process was killed while its workers went on) and add only the workers missing.
         subprocess.run(["dvc", "queue", "remove", "--queued"], check=False)
+        running, workers = _queue_status()
         for e in experiments:
+            if running.get(e.name) == "Running":
+                print(f"[study] {e.name} is running already; not queued again", flush=True)
+                continue
             cmd = dvc_queue_command(e, {**study.overrides, "ssl.threads": 1 if a.jobs > 1 else 0})
             print("[study] " + " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-        subprocess.run(["dvc", "queue", "start", "-j", str(a.jobs)], check=True)
+        if a.jobs > workers:
+            subprocess.run(["dvc", "queue", "start", "-j", str(a.jobs - workers)], check=True)
         while _queue_busy():
             time.sleep(30)
             new = export_finished(study, missing)

@@ -153,3 +153,44 @@ def test_strength_overrides_scale_the_jitter_and_grayscale():
     assert strong["augment.brightness"] == pytest.approx(2 * p.augment.brightness)
     assert strong["augment.hue"] == pytest.approx(min(0.5, 2 * p.augment.hue))
     assert strong["augment.grayscale_p"] == pytest.approx(2 * p.augment.grayscale_p)
+
+
+def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkeypatch):
+    """The probe stage can finish after linear and few-shot: a model exported before it would enter the
+    committed ledger without its probe, and the ledger is never rewritten."""
+    import pandas as pd
+
+    import pipeline.tracking as tracking
+
+    s = load_study("study.yaml")
+    key = ModelKey("moco", "baseline", 0.0, "strong", 0)
+    p = ledger_mod.params_of(key, s)
+    need = ledger_mod.expected_metrics(p)
+    probes = [c for c in need if c.startswith("probe/")]
+    assert probes == ["probe/crop/r2", "probe/flip/acc", "probe/color/r2"]
+    row = {"run_id": "r1", "method": "moco", "variant": "baseline", "lambda": 0.0, "seed": 0,
+           **{c: 50.0 for c in need if c not in probes}}
+    store = {"runs": pd.DataFrame([row])}
+    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (store["runs"], {}))
+    monkeypatch.setattr(tracking, "collect_items", lambda params, runs: {"r1": {}})
+    ledger = tmp_path / "runs"
+    assert ledger_mod.export_finished(s, [key], ledger) == []            # linear and few-shot only: waits
+    store["runs"] = pd.DataFrame([{**row, **{c: 0.5 for c in probes}}])
+    assert ledger_mod.export_finished(s, [key], ledger) == [key.name]
+    assert json.loads((ledger / f"{key.name}.json").read_text())["metrics"]["probe/flip/acc"] == 0.5
+
+
+def test_dvc_queue_status_is_read_so_a_rerun_never_queues_a_running_experiment_twice():
+    from pipeline.study.plan import parse_queue_status
+
+    text = """Task     Name                                  Created    Status
+6a7a742  study-strong-lam1-s0-ba-au-moco       03:51 AM   Running
+775e241  study-strong-lam0.25-s0-au-simclr     03:51 AM   Queued
+1ed8921  study-weak-lam1-s0-ba-au-simclr       03:51 AM   Success
+e6e5ccc  study-strong-lam1-s1-ba-au-ca-simclr  03:52 AM   Failed
+
+Worker status: 2 active, 0 idle
+"""
+    assert parse_queue_status(text) == ({"study-strong-lam1-s0-ba-au-moco": "Running",
+                                         "study-strong-lam0.25-s0-au-simclr": "Queued"}, 2)
+    assert parse_queue_status("No experiment tasks in the queue.\n") == ({}, 0)

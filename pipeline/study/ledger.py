@@ -25,8 +25,12 @@ LEDGER = Path("reports/study/runs")
 
 
 def expected_metrics(params: Params) -> list[str]:
-    """The metric columns a finished model has: linear top-1 and few-shot of every downstream task."""
-    out = []
+    """The metric columns a finished model has: linear top-1 and few-shot of every downstream task, and
+    the augmentation probe of every augmentation the views use (its stage may finish last)."""
+    from pipeline.evaluate.probe import PAIRWISE_CLASSIFICATION
+    from pipeline.workflow import probe_augmentations
+
+    out = [f"probe/{a}/{'acc' if a in PAIRWISE_CLASSIFICATION else 'r2'}" for a in probe_augmentations(params)]
     fs = params.eval.fewshot
     for name, entry in params.data.datasets.items():
         for task in entry.tasks:

@@ -195,3 +195,16 @@ def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
         value = json.dumps(v, separators=(",", ":")).replace('"', "") if isinstance(v, list) else str(v)
         argv += ["-S", f"{k}={value}"]
     return argv
+
+
+def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
+    """``({experiment name: "Queued" | "Running"}, active workers)`` from ``dvc queue status``'s table."""
+    import re
+
+    tasks = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[-1] in ("Queued", "Running"):
+            tasks[parts[1]] = parts[-1]
+    workers = re.search(r"Worker status: (\d+) active", text)
+    return tasks, int(workers.group(1)) if workers else 0
