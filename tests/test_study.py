@@ -194,3 +194,36 @@ Worker status: 2 active, 0 idle
     assert parse_queue_status(text) == ({"study-strong-lam1-s0-ba-au-moco": "Running",
                                          "study-strong-lam0.25-s0-au-simclr": "Queued"}, 2)
     assert parse_queue_status("No experiment tasks in the queue.\n") == ({}, 0)
+
+
+def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
+    """SimCLR's AugSelf is made better on hue and MoCo's worse: the findings count one of each, the
+    headline table bolds both, and the λ figure disappears when the λ slice leaves the ledger."""
+    rng = np.random.default_rng(1)
+    ledger = tmp_path / "runs"
+    col = "linear/cfmnist/hue/top1"
+    effect = {("simclr", 1.0): 0.3, ("simclr", 0.5): 0.0, ("moco", 1.0): -0.3}
+    for seed in (0, 1):
+        for method in ("simclr", "moco"):
+            base = (rng.random(500) < 0.5).astype(np.float32) * 100
+            _write_model(ledger, ModelKey(method, "baseline", 0.0, "strong", seed),
+                         {col: float(base.mean())}, {col: base})
+            for (m, lam), e in effect.items():
+                if m != method:
+                    continue
+                flip = rng.random(500) < abs(e)
+                aug = np.where(flip, 100.0 if e > 0 else 0.0, base).astype(np.float32)
+                _write_model(ledger, ModelKey(method, "augself", lam, "strong", seed),
+                             {col: float(aug.mean())}, {col: aug})
+    s = study(tmp_path)
+    text = build(s, tmp_path / "out", ledger).read_text()
+    assert "**hue, 24-way linear**, AugSelf λ = 1 − baseline, of 2 method(s): higher in 1, lower in 1" in text
+    table = [line for line in text.splitlines() if line.startswith(("| simclr | augself", "| moco | augself"))]
+    assert len(table) == 2 and all("**" in line for line in table)
+    assert "* λ (SimCLR, strong), hue, 24-way linear: λ = 0.5:" in text
+    for fig in ("forest.png", "lambda.png"):
+        assert (tmp_path / "out" / fig).stat().st_size > 10_000
+    for f in ledger.glob("simclr-augself-lam0.5-*"):
+        f.unlink()
+    text = build(s, tmp_path / "out", ledger).read_text()
+    assert not (tmp_path / "out" / "lambda.png").exists() and "lambda.png" not in text

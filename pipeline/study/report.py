@@ -1,14 +1,12 @@
 """The study's report: ``reports/study/`` from the ledger (:mod:`pipeline.study.ledger`).
 
-* ``differences.csv`` / the forest plot: every variant − baseline Δ of the same method, strength and
-  seed, paired on the same test images and episodes (:func:`pipeline.report.paired.paired_differences`:
-  per-seed paired bootstrap, and across seeds a t-interval and a hierarchical bootstrap), one row per
+* ``differences.csv``: every variant − baseline Δ of the same method, strength and seed, paired on
+  the same test images and episodes (:func:`pipeline.report.paired.paired_differences`: per-seed
+  paired bootstrap, and across seeds a t-interval and a hierarchical bootstrap), one row per
   strength × method × variant × λ × metric;
-* ``strength.png``: the primary task against colour strength for baseline, AugSelf and CASSLE (the
-  premise and the remedy in one picture);
-* ``lambda.png``: the primary task and the garment class against λ (SimCLR);
-* ``README.md``: what was run (models done out of planned), the tables, and what they show, written
-  from the numbers whichever way they fall.
+* the figures of :mod:`pipeline.study.figures` (forest per task, Δ against λ, against strength);
+* ``README.md``: what was run (models done out of planned), what the numbers show (written from them
+  whichever way they fall), the main comparison, the probe, accuracies, cost, every difference.
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.study.figures import PRIMARY, STRENGTHS, TASKS, forest_by_task, headline, lambda_figure, strength_figure
 from pipeline.study.ledger import LEDGER, read_ledger
 from pipeline.study.plan import Study
-
-PRIMARY = "linear/cfmnist/hue/top1"
-COST = ("linear/cfmnist/class/top1", "linear/digits/class/top1")
 
 
 def _fmt_interval(r) -> str:
@@ -40,36 +36,6 @@ def differences(runs: pd.DataFrame, items: dict, notes: list[str]) -> pd.DataFra
             d.insert(0, "strength", strength)
             frames.append(d)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _curve_figure(runs: pd.DataFrame, x: str, order: list, title: str, metrics: list[str], path: Path) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in metrics if m in runs]
-    if runs.empty or not metrics:
-        return False
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for variant, d in runs.groupby("variant"):
-            g = d.groupby(x)[metric].agg(["mean", "std", "count"]).reindex([o for o in order if o in set(d[x])])
-            if g.empty:
-                continue
-            pos = [order.index(v) for v in g.index] if x == "strength" else list(g.index)
-            ax.errorbar(pos, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=variant)
-        if x == "strength":
-            ax.set_xticks(range(len(order)), order)
-        ax.set_xlabel(x if x != "lambda" else "λ (0 = baseline)")
-        ax.set_title(metric.replace("linear/", "").replace("/top1", ""))
-        ax.set_ylabel("linear top-1 (%), mean ± sd over seeds")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 _TASKS = {"linear/cfmnist/hue/top1": "hue (24)", "linear/cfmnist/color/top1": "colour (6)",
@@ -116,6 +82,111 @@ def _cost_table(runs: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
+def _headline_table(diff: pd.DataFrame) -> list[str]:
+    """Method × variant rows, task columns: the main comparison at a glance."""
+    rows = headline(diff)
+    if rows.empty:
+        return []
+    tasks = [t for t in TASKS if t in set(rows["metric"])]
+    lines = ["## The main comparison: variant − baseline at strong colour (λ = 1)", "",
+             "Δ in points, paired on the same test images / episodes, 95 % interval; **bold**: the interval "
+             "excludes 0. Seeds: the seeds that pair up (a 1-seed interval is evaluation noise only).", "",
+             "| method | variant | seeds | " + " | ".join(TASKS[t] for t in tasks) + " |",
+             "|---|---|---|" + "---|" * len(tasks)]
+    for (method, variant), g in rows.groupby(["method", "variant"], sort=False):
+        cells = []
+        for t in tasks:
+            r = g[g["metric"] == t]
+            if r.empty:
+                cells.append("")
+                continue
+            text = _fmt_interval(r.iloc[0])
+            cells.append(f"**{text}**" if r.iloc[0]["distinguishable"] else text)
+        lines.append(f"| {method} | {variant} | {g['seeds'].iloc[0]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _direction(r) -> str:
+    if not r["distinguishable"]:
+        return "not distinguishable from 0"
+    return "higher than the baseline" if r["delta"] > 0 else "lower than the baseline"
+
+
+def _findings(diff: pd.DataFrame) -> list[str]:
+    """What the numbers show, one sentence per claim, written from the rows whichever way they fall."""
+    rows = headline(diff)
+    if rows.empty:
+        return []
+    lines = ["## What the numbers show", ""]
+    aug = rows[rows["variant"] == "augself"]
+    for task in TASKS:
+        t = aug[aug["metric"] == task]
+        if t.empty:
+            continue
+        up = int(((t["delta"] > 0) & t["distinguishable"]).sum())
+        down = int(((t["delta"] < 0) & t["distinguishable"]).sum())
+        per = "; ".join(f"{r['method']} {_fmt_interval(r)} (seeds {r['seeds']})" for _, r in t.iterrows())
+        lines.append(f"* **{TASKS[task]}**, AugSelf λ = 1 − baseline, of {len(t)} method(s): higher in {up}, "
+                     f"lower in {down}, not distinguishable in {len(t) - up - down}: {per}.")
+    cas = rows[rows["variant"] == "cassle"]
+    if not cas.empty:
+        lines.append("* **CASSLE** − baseline (SimCLR): " + "; ".join(
+            f"{TASKS[r['metric']]} {_fmt_interval(r)}, {_direction(r)}"
+            for task in TASKS for _, r in cas[cas["metric"] == task].iterrows()) + ".")
+    lam = diff[(diff["method"] == "simclr") & (diff["strength"] == "strong") & (diff["variant"] == "augself")]
+    if lam["lambda"].nunique() > 1:
+        for task in (PRIMARY, "linear/cfmnist/class/top1"):
+            t = lam[lam["metric"] == task].sort_values("lambda")
+            if not t.empty:
+                lines.append(f"* λ (SimCLR, strong), {TASKS[task]}: " + "; ".join(
+                    f"λ = {r['lambda']:g}: {_fmt_interval(r)}" for _, r in t.iterrows()) + ".")
+    st = diff[(diff["method"] == "simclr") & (diff["variant"] == "augself") & (diff["lambda"] == 1.0)]
+    if st["strength"].nunique() > 1:
+        for task in (PRIMARY, "linear/cfmnist/class/top1"):
+            t = st[st["metric"] == task]
+            if not t.empty:
+                lines.append(f"* colour strength (SimCLR, λ = 1), {TASKS[task]}: " + "; ".join(
+                    f"{s}: {_fmt_interval(t[t['strength'] == s].iloc[0])}"
+                    for s in STRENGTHS if s in set(t["strength"])) + ".")
+    return lines + [""]
+
+
+_PROBES = {"probe/crop/r2": "crop R²", "probe/color/r2": "colour R²", "probe/flip/acc": "flip acc. (%)"}
+
+
+def _probe_table(runs: pd.DataFrame) -> list[str]:
+    """How much of each view pair's ω difference a ridge / logistic map recovers from frozen features."""
+    cols = [c for c in _PROBES if c in runs]
+    sub = runs.dropna(subset=cols, how="all") if cols else runs.iloc[:0]
+    if sub.empty:
+        return []
+    lines = ["## The augmentation probe (what the features keep of ω1 − ω2)", "",
+             "Held-out R² of a ridge map (crop, colour) and accuracy of a logistic one (flip: same or not) from "
+             "frozen features of two views to their augmentation difference; mean ± sd over seeds.", "",
+             "| strength | method | variant | λ | seeds | " + " | ".join(_PROBES[c] for c in cols) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(cols)]
+    for (strength, method, variant, lam), g in sub.groupby(["strength", "method", "variant", "lambda"]):
+        cells = []
+        for c in cols:
+            v = g[c].dropna()
+            d = 1 if c.endswith("/acc") else 3
+            cells.append("" if v.empty else f"{v.mean():.{d}f}" + (f" ± {v.std(ddof=1):.{d}f}" if len(v) > 1 else ""))
+        lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {g[cols[0]].notna().sum()} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _full_table(diff: pd.DataFrame) -> list[str]:
+    lines = ["<details><summary>Every paired difference (strength × method × variant × λ × task)</summary>", "",
+             "| strength | method | variant | λ | metric | seeds | Δ [95 %] | interval | ≠ 0 |",
+             "|---|---|---|---:|---|---:|---|---|---|"]
+    for _, r in diff.iterrows():
+        lines.append(f"| {r['strength']} | {r['method']} | {r['variant']} | {r['lambda']:g} | {r['label']} | "
+                     f"{r['seeds']} | {_fmt_interval(r)} | {r['interval']} | "
+                     f"{'**yes**' if r['distinguishable'] else 'no'} |")
+    return lines + ["", "</details>", ""]
+
+
 def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LEDGER) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,52 +204,29 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
         return out_dir / "README.md"
     missing = sorted({k.name for k in planned} - set(runs["model"]))
     diff = differences(runs, items, notes)
+    figures = {"forest.png": False, "lambda.png": False, "strength.png": False}
     if not diff.empty:
         diff.drop(columns=["per_seed"], errors="ignore").to_csv(out_dir / "differences.csv", index=False,
                                                               float_format="%.4f")
-        from pipeline.report.plots import forest_figure
-
-        fig = forest_figure(diff.assign(method=diff["strength"] + " · " + diff["method"]),
-                            "Variant − baseline, paired (95 % intervals); filled: excludes 0")
-        if fig is not None:
-            fig.savefig(out_dir / "forest.png", dpi=110)
-            lines += ["![paired differences](forest.png)", ""]
-        lines += ["## Paired differences to the baseline", "",
-                  "Δ in percentage points, variant − baseline of the same method, strength and seed, on the "
-                  "same test images / episodes. Interval: hierarchical bootstrap (seeds, then items) when ≥ 2 "
-                  "seeds pair up, else the single seed's paired bootstrap (evaluation noise only).", "",
-                  "| strength | method | variant | λ | metric | seeds | Δ [95 %] | interval | ≠ 0 |",
-                  "|---|---|---|---:|---|---:|---|---|---|"]
-        for _, r in diff.iterrows():
-            lines.append(f"| {r['strength']} | {r['method']} | {r['variant']} | {r['lambda']:g} | {r['label']} | "
-                         f"{r['seeds']} | {_fmt_interval(r)} | {r['interval']} | "
-                         f"{'**yes**' if r['distinguishable'] else 'no'} |")
-        lines.append("")
-        prim = diff[diff["metric"] == PRIMARY]
-        if not prim.empty:
-            lines += ["## What the numbers show", ""]
-            for _, r in prim.iterrows():
-                verdict = ("distinguishable from zero" if r["distinguishable"]
-                           else "not distinguishable from zero")
-                lines.append(f"* {r['strength']}, {r['method']}, {r['variant']} (λ = {r['lambda']:g}) on the "
-                             f"augmentation-sensitive `cfmnist/hue`: Δ = {_fmt_interval(r)} over seeds {r['seeds']}, "
-                             f"{verdict}.")
-            for metric in COST:
-                for _, r in diff[diff["metric"] == metric].iterrows():
-                    lines.append(f"* cost on `{r['label']}` ({r['strength']}, {r['method']}, {r['variant']}): "
-                                 f"Δ = {_fmt_interval(r)}{' (distinguishable)' if r['distinguishable'] else ''}.")
-            lines.append("")
+        figures["forest.png"] = forest_by_task(diff, out_dir / "forest.png")
+        figures["lambda.png"] = lambda_figure(diff, out_dir / "lambda.png")
+    figures["strength.png"] = strength_figure(runs, diff, out_dir / "strength.png")
+    for name, drawn in figures.items():              # a figure whose data is gone must not outlive it
+        if not drawn and (out_dir / name).exists():
+            (out_dir / name).unlink()
+    lines += _findings(diff)
+    if figures["forest.png"]:
+        lines += ["![paired differences per task](forest.png)", ""]
+    lines += _headline_table(diff)
+    if figures["strength.png"]:
+        lines += ["## Colour strength: the premise and the remedy", "", "![strength](strength.png)", ""]
+    if figures["lambda.png"]:
+        lines += ["## λ", "", "![lambda](lambda.png)", ""]
+    lines += _probe_table(runs)
     lines += _means_table(runs)
     lines += _cost_table(runs)
-    order = ["weak", "default", "strong"]
-    if _curve_figure(runs[runs["method"] == "simclr"], "strength", order,
-                     "SimCLR: hue and garment class vs colour strength", [PRIMARY, COST[0]], out_dir / "strength.png"):
-        lines += ["![strength](strength.png)", ""]
-    lam = runs[(runs["method"] == "simclr") & (runs["strength"] == "strong") & runs["variant"].isin(["baseline", "augself"])]
-    if lam["lambda"].nunique() > 1 and _curve_figure(lam.assign(variant="simclr"), "lambda",
-                                                      sorted(lam["lambda"].unique()), "SimCLR, strong: accuracy vs λ",
-                                                      [PRIMARY, COST[0]], out_dir / "lambda.png"):
-        lines += ["![lambda](lambda.png)", ""]
+    if not diff.empty:
+        lines += _full_table(diff)
     if missing:
         lines += ["## Not yet run", "", ", ".join(f"`{m}`" for m in missing), ""]
     if notes:
