@@ -197,14 +197,14 @@ Worker status: 2 active, 0 idle
 
 
 def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
-    """SimCLR's AugSelf is made better on hue and MoCo's worse: the findings count one of each, the
+    """SimCLR's and BYOL's AugSelf are made better on hue and MoCo's worse: the findings count them, the
     headline table bolds both, and the λ figure disappears when the λ slice leaves the ledger."""
     rng = np.random.default_rng(1)
     ledger = tmp_path / "runs"
     col = "linear/cfmnist/hue/top1"
-    effect = {("simclr", 1.0): 0.3, ("simclr", 0.5): 0.0, ("moco", 1.0): -0.3}
+    effect = {("simclr", 1.0): 0.3, ("simclr", 0.5): 0.0, ("moco", 1.0): -0.3, ("byol", 1.0): 0.3}
     for seed in (0, 1):
-        for method in ("simclr", "moco"):
+        for method in ("simclr", "moco", "byol"):
             base = (rng.random(500) < 0.5).astype(np.float32) * 100
             _write_model(ledger, ModelKey(method, "baseline", 0.0, "strong", seed),
                          {col: float(base.mean())}, {col: base})
@@ -217,7 +217,7 @@ def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
                              {col: float(aug.mean())}, {col: aug})
     s = study(tmp_path)
     text = build(s, tmp_path / "out", ledger).read_text()
-    assert "**hue, 24-way linear**, AugSelf λ = 1 − baseline, of 2 method(s): higher in 1, lower in 1" in text
+    assert "**hue, 24-way linear**, AugSelf λ = 1 − baseline, of 3 method(s): higher in 2, lower in 1" in text
     table = [line for line in text.splitlines() if line.startswith(("| simclr | augself", "| moco | augself"))]
     assert len(table) == 2 and all("**" in line for line in table)
     assert "* λ (SimCLR, strong), hue, 24-way linear: λ = 0.5:" in text
