@@ -23,6 +23,7 @@ TINY = {
     "data.datasets": {"cfmnist": {"tasks": ["class", "color"], "image_size": 32, "max_train": 256, "max_test": 200,
                                   }},
     "ssl.methods": ["simclr"],
+    "variants": ["baseline", "augself", "cassle"],     # every variant end to end (the default leaves CASSLE out)
     "ssl.width": 4,
     "ssl.epochs": 2,
     "ssl.batch_size": 64,
