@@ -33,7 +33,7 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 __all__ = ["BOOTSTRAP_SEED", "BOOTSTRAP_SAMPLES", "Interval", "paired_bootstrap", "across_seeds",
-           "t_interval"]
+           "t_interval", "t_test_p", "holm"]
 
 BOOTSTRAP_SEED = 20240613
 BOOTSTRAP_SAMPLES = 2000
@@ -99,6 +99,27 @@ def t_interval(deltas, level: float = LEVEL) -> Interval | None:
     return Interval(float(d.mean()), float(d.mean() - half), float(d.mean() + half), f"t over {len(d)} seeds")
 
 
+def t_test_p(deltas) -> float | None:
+    """Two-sided p of the one-sample t-test of mean Δ = 0 over seeds; None for fewer than 2 seeds."""
+    d = np.asarray(deltas, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    if d.std(ddof=1) == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    return float(_scipy_stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (family-wise error) of the tests that have a p; None stays None."""
+    have = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(have):
+        running = max(running, min(1.0, (len(have) - rank) * p))
+        out[i] = running
+    return out
+
+
 def across_seeds(pairs: list[tuple[np.ndarray, np.ndarray]], samples: int = BOOTSTRAP_SAMPLES,
                  seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> dict:
     """Per-seed paired differences and their combination over seeds.
@@ -125,4 +146,5 @@ def across_seeds(pairs: list[tuple[np.ndarray, np.ndarray]], samples: int = BOOT
         low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
         hierarchical = Interval(float(np.mean(deltas)), float(low), float(high),
                                 f"hierarchical bootstrap (seeds, then items), {samples} resamples")
-    return {"per_seed": per_seed, "t": t_interval(deltas, level), "hierarchical": hierarchical}
+    return {"per_seed": per_seed, "t": t_interval(deltas, level), "t_p": t_test_p(deltas),
+            "hierarchical": hierarchical}

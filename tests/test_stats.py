@@ -76,3 +76,19 @@ def test_bad_input_is_refused():
         paired_bootstrap([1.0, 0.0], [1.0])
     with pytest.raises(ValueError, match="no seed"):
         across_seeds([])
+
+
+def test_t_test_p_matches_the_t_interval_and_holm_steps_down():
+    from pipeline.stats import holm, t_interval, t_test_p
+
+    d = [1.2, 0.4, 0.9]
+    ci = t_interval(d)
+    # the 95 % t-interval excludes 0 exactly when p < 0.05; shifting Δ so its lower end sits at 0 gives p = 0.05
+    assert (ci.low > 0) == (t_test_p(d) < 0.05)
+    assert t_test_p([x - ci.low for x in d]) == pytest.approx(0.05, abs=1e-9)
+    assert t_test_p([1.0]) is None and t_test_p([2.0, 2.0]) == 0.0
+    # Holm: sorted p times (m − rank), made monotone; a missing p is no test and stays None
+    adj = holm([0.01, 0.04, None, 0.03])
+    assert adj[2] is None
+    assert adj[0] == pytest.approx(0.03) and adj[3] == pytest.approx(0.06) and adj[1] == pytest.approx(0.06)
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])

@@ -28,7 +28,7 @@ from pipeline.report.tables import Table
 from pipeline.stats import across_seeds
 
 COLUMNS = ["method", "variant", "lambda", "metric", "label", "seeds", "delta", "low", "high", "interval",
-           "t_low", "t_high", "per_seed", "distinguishable"]
+           "t_low", "t_high", "t_p", "per_seed", "distinguishable"]
 
 
 def paired_differences(runs: pd.DataFrame, items: Mapping[str, Mapping[str, np.ndarray]],
@@ -64,6 +64,7 @@ def paired_differences(runs: pd.DataFrame, items: Mapping[str, Mapping[str, np.n
                     "interval": "hierarchical bootstrap (seeds + items)" if res["hierarchical"]
                     else "paired bootstrap over items (1 seed: evaluation noise only)",
                     "t_low": res["t"].low if res["t"] else np.nan, "t_high": res["t"].high if res["t"] else np.nan,
+                    "t_p": np.nan if res["t_p"] is None else res["t_p"],
                     "per_seed": "; ".join(f"s{s}: {p.estimate:+.2f} [{p.low:+.2f}, {p.high:+.2f}]"
                                           for s, p in zip(seeds, res["per_seed"])),
                     "distinguishable": main.excludes_zero,

@@ -106,6 +106,29 @@ def _headline_table(diff: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
+def _primary_test(diff: pd.DataFrame) -> list[str]:
+    """The design's primary test: AugSelf − baseline on `hue`, one per method, with Holm over them."""
+    from pipeline.stats import holm
+
+    rows = headline(diff)
+    t = rows[(rows["variant"] == "augself") & (rows["metric"] == PRIMARY)] if not rows.empty else rows
+    if t.empty:
+        return []
+    ps = [None if pd.isna(p) else float(p) for p in t["t_p"]]
+    adjusted = holm(ps)
+    lines = ["## The primary test (docs/study.md): AugSelf λ = 1 − baseline on `hue`, one test per method", "",
+             "Hierarchical bootstrap interval (seeds, then test images; the call “≠ 0”), the t-interval over "
+             "seeds, the t-test's p and Holm's adjustment over the methods tested. With one seed there is no "
+             "test across seeds (the interval is then evaluation noise only).", "",
+             "| method | seeds | Δ | 95 % interval | t over seeds | p | Holm p | ≠ 0 |", "|---|---|---:|---|---|---:|---:|---|"]
+    for (_, r), p, h in zip(t.iterrows(), ps, adjusted):
+        tint = "" if pd.isna(r["t_low"]) else f"[{r['t_low']:+.2f}, {r['t_high']:+.2f}]"
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['delta']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] | "
+                     f"{tint} | {'' if p is None else f'{p:.3f}'} | {'' if h is None else f'{h:.3f}'} | "
+                     f"{'**yes**' if r['distinguishable'] else 'no'} |")
+    return lines + [""]
+
+
 def _direction(r) -> str:
     if not r["distinguishable"]:
         return "not distinguishable from 0"
@@ -218,6 +241,7 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
     if figures["forest.png"]:
         lines += ["![paired differences per task](forest.png)", ""]
     lines += _headline_table(diff)
+    lines += _primary_test(diff)
     if figures["strength.png"]:
         lines += ["## Colour strength: the premise and the remedy", "", "![strength](strength.png)", ""]
     if figures["lambda.png"]:
