@@ -40,26 +40,32 @@ def differences(runs: pd.DataFrame, items: dict, notes: list[str]) -> pd.DataFra
 
 _TASKS = {"linear/cfmnist/hue/top1": "hue (24)", "linear/cfmnist/color/top1": "colour (6)",
           "linear/cfmnist/class/top1": "garment", "linear/digits/class/top1": "digits",
-          "fewshot/cfmnist/hue/5way5shot": "hue 5-w 5-s", "probe/color/r2": "ω colour R²"}
+          "fewshot/cfmnist/hue/5way5shot": "hue 5-w 5-s"}
 SPEED = "pretrain/images_per_s"
 
 
-def _means_table(runs: pd.DataFrame) -> list[str]:
-    """Mean ± sd over seeds of every task, one row per strength × method × variant × λ."""
-    cols = [c for c in _TASKS if c in runs]
-    if not cols:
+def _per_model_table(runs: pd.DataFrame, columns: dict[str, str], head: list[str]) -> list[str]:
+    """Mean ± sd over seeds of ``columns``, one row per strength × method × variant × λ (R² to 3 digits)."""
+    cols = [c for c in columns if c in runs]
+    sub = runs.dropna(subset=cols, how="all") if cols else runs.iloc[:0]
+    if sub.empty:
         return []
-    lines = ["## Accuracy per model (mean ± sd over seeds; the sd where ≥ 2 seeds ran)", "",
-             "| strength | method | variant | λ | seeds | " + " | ".join(_TASKS[c] for c in cols) + " |",
-             "|---|---|---|---:|---:|" + "---:|" * len(cols)]
-    for (strength, method, variant, lam), g in runs.groupby(["strength", "method", "variant", "lambda"]):
+    lines = head + ["| strength | method | variant | λ | seeds | " + " | ".join(columns[c] for c in cols) + " |",
+                    "|---|---|---|---:|---:|" + "---:|" * len(cols)]
+    for (strength, method, variant, lam), g in sub.groupby(["strength", "method", "variant", "lambda"]):
         cells = []
         for c in cols:
             v = g[c].dropna()
-            digits = 3 if c.startswith("probe/") else 1
-            cells.append("" if v.empty else f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else ""))
-        lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {len(g)} | " + " | ".join(cells) + " |")
+            d = 3 if c.endswith("/r2") else 1
+            cells.append("" if v.empty else f"{v.mean():.{d}f}" + (f" ± {v.std(ddof=1):.{d}f}" if len(v) > 1 else ""))
+        lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {g[cols[0]].notna().sum()} | "
+                     + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _means_table(runs: pd.DataFrame) -> list[str]:
+    return _per_model_table(runs, _TASKS, ["## Accuracy per model (mean ± sd over seeds; the sd where ≥ 2 seeds ran)",
+                                           ""])
 
 
 def _cost_table(runs: pd.DataFrame) -> list[str]:
@@ -179,24 +185,10 @@ _PROBES = {"probe/crop/r2": "crop R²", "probe/color/r2": "colour R²", "probe/f
 
 def _probe_table(runs: pd.DataFrame) -> list[str]:
     """How much of each view pair's ω difference a ridge / logistic map recovers from frozen features."""
-    cols = [c for c in _PROBES if c in runs]
-    sub = runs.dropna(subset=cols, how="all") if cols else runs.iloc[:0]
-    if sub.empty:
-        return []
-    lines = ["## The augmentation probe (what the features keep of ω1 − ω2)", "",
-             "Held-out R² of a ridge map (crop, colour) and accuracy of a logistic one (flip: same or not) from "
-             "frozen features of two views to their augmentation difference; mean ± sd over seeds.", "",
-             "| strength | method | variant | λ | seeds | " + " | ".join(_PROBES[c] for c in cols) + " |",
-             "|---|---|---|---:|---:|" + "---:|" * len(cols)]
-    for (strength, method, variant, lam), g in sub.groupby(["strength", "method", "variant", "lambda"]):
-        cells = []
-        for c in cols:
-            v = g[c].dropna()
-            d = 1 if c.endswith("/acc") else 3
-            cells.append("" if v.empty else f"{v.mean():.{d}f}" + (f" ± {v.std(ddof=1):.{d}f}" if len(v) > 1 else ""))
-        lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {g[cols[0]].notna().sum()} | "
-                     + " | ".join(cells) + " |")
-    return lines + [""]
+    return _per_model_table(runs, _PROBES, [
+        "## The augmentation probe (what the features keep of ω1 − ω2)", "",
+        "Held-out R² of a ridge map (crop, colour) and accuracy of a logistic one (flip: same or not) from "
+        "frozen features of two views to their augmentation difference; mean ± sd over seeds.", ""])
 
 
 def _full_table(diff: pd.DataFrame) -> list[str]:
