@@ -85,6 +85,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def is_server_uri(uri: str) -> bool:
+    """A tracking server (http, https, databricks…), as opposed to a local store (sqlite, file, a path)."""
+    if "://" not in uri and ":" not in uri:
+        return uri == "databricks"                      # else a directory path: a local file store
+    return uri.split(":", 1)[0].lower() not in ("sqlite", "file")
+
+
 def display_uri(uri: str) -> str:
     """``uri`` as a reader of the committed report should see it: the default store inside the project
     as ``sqlite:///mlflow.db`` (relative to the project root), not the building machine's absolute path;
@@ -199,9 +206,12 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        # With the local SQLite store MLflow would put artifacts under ./mlruns of whatever directory the
-        # stage runs in (a queued experiment's temporary copy): pin them to the project root instead.
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_root() / "mlartifacts").as_uri()
+        # With a local store (SQLite or a directory) MLflow would put artifacts under ./mlruns of whatever
+        # directory the stage runs in (a queued experiment's temporary copy, deleted when it ends): pin them
+        # to the project root.  Decided by the store's kind, not by whether MLFLOW_TRACKING_URI is set:
+        # mlflow.set_tracking_uri exports that variable, so a parent that queried the store (stages.study)
+        # hands it to every queued stage.  A server keeps its own artifact root.
+        artifacts = None if is_server_uri(tracking_uri()) else (project_root() / "mlartifacts").as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created concurrently by another stage: read it back

@@ -172,12 +172,19 @@ def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkey
            **{c: 50.0 for c in need if c not in probes}}
     store = {"runs": pd.DataFrame([row])}
     monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (store["runs"], {}))
-    monkeypatch.setattr(tracking, "collect_items", lambda params, runs: {"r1": {}})
+    scores = {c: np.zeros(3) for c in need if c.startswith(("linear/", "fewshot/"))}
+    monkeypatch.setattr(tracking, "collect_items", lambda params, runs: {"r1": scores})
+    monkeypatch.setattr(ledger_mod, "items_from_experiment_refs", lambda key, group: {})
     ledger = tmp_path / "runs"
     assert ledger_mod.export_finished(s, [key], ledger) == []            # linear and few-shot only: waits
     store["runs"] = pd.DataFrame([{**row, **{c: 0.5 for c in probes}}])
     assert ledger_mod.export_finished(s, [key], ledger) == [key.name]
     assert json.loads((ledger / f"{key.name}.json").read_text())["metrics"]["probe/flip/acc"] == 0.5
+    # finished, but no per-item scores anywhere: not exported (the paired statistics need them)
+    other = ModelKey("moco", "augself", 1.0, "strong", 0)
+    store["runs"] = pd.DataFrame([{**row, **{c: 0.5 for c in probes}, "variant": "augself", "lambda": 1.0}])
+    scores.clear()
+    assert ledger_mod.export_finished(s, [other], ledger) == []
 
 
 def test_dvc_queue_status_is_read_so_a_rerun_never_queues_a_running_experiment_twice():
@@ -227,3 +234,32 @@ def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
         f.unlink()
     text = build(s, tmp_path / "out", ledger).read_text()
     assert not (tmp_path / "out" / "lambda.png").exists() and "lambda.png" not in text
+
+
+def test_per_item_scores_are_read_from_the_dvc_experiment_commit_of_the_same_model(tmp_path):
+    """When MLflow's artifacts are gone, the experiment commit under refs/exps/ holds the npz files; the
+    model is found by what defines it (run.json: method, variant, λ, seed, config group)."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "models" / "moco-baseline").mkdir(parents=True)
+    (repo / "metrics" / "moco-baseline").mkdir(parents=True)
+    info = {"group": "g1", "lambda": 0.0, "method": "moco", "seed": 1, "variant": "baseline"}
+    (repo / "models" / "moco-baseline" / "run.json").write_text(json.dumps(info))
+    pred, label = np.array([1, 2, 3, 4]), np.array([1, 0, 3, 0])
+    np.savez(repo / "metrics" / "moco-baseline" / "linear_predictions.npz",
+             **{"cfmnist/hue/pred": pred, "cfmnist/hue/label": label})
+    np.savez(repo / "metrics" / "moco-baseline" / "fewshot_episodes.npz", **{"cfmnist/hue/5way5shot/acc": [0.4, 0.6]})
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "exp"], cwd=repo, check=True)
+    subprocess.run(["git", "update-ref", "refs/exps/ab/cdef/study-x", "HEAD"], cwd=repo, check=True)
+    subprocess.run(["git", "checkout", "-q", "--orphan", "empty"], cwd=repo, check=True)   # not in the worktree
+    subprocess.run(["git", "rm", "-rqf", "."], cwd=repo, check=True)
+
+    items = ledger_mod.items_from_experiment_refs(ModelKey("moco", "baseline", 0.0, "strong", 1), "g1", repo)
+    assert items["linear/cfmnist/hue/top1"].tolist() == [100.0, 0.0, 100.0, 0.0]
+    assert items["fewshot/cfmnist/hue/5way5shot"].tolist() == pytest.approx([40.0, 60.0])
+    assert ledger_mod.items_from_experiment_refs(ModelKey("moco", "baseline", 0.0, "strong", 2), "g1", repo) == {}
+    assert ledger_mod.items_from_experiment_refs(ModelKey("moco", "baseline", 0.0, "strong", 1), "g2", repo) == {}

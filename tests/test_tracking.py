@@ -178,3 +178,23 @@ def test_report_names_the_default_store_relative_to_the_project(monkeypatch, tmp
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking.display_uri(tracking.tracking_uri()) == "sqlite:///mlflow.db"
     assert tracking.display_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_queued_stage_keeps_its_artifacts_in_the_project_even_with_the_store_uri_exported(tmp_path, monkeypatch):
+    """stages.study queries MLflow before it starts the DVC queue, and mlflow.set_tracking_uri exports
+    MLFLOW_TRACKING_URI to every worker.  With the local store the artifacts must still go to the project's
+    mlartifacts/, not ./mlruns of the experiment's temporary copy (deleted when it ends: the per-image
+    scores of two study models were lost that way)."""
+    project = tmp_path / "project"
+    temp_copy = project / ".dvc" / "tmp" / "exps" / "tmpabc"
+    temp_copy.mkdir(parents=True)
+    (temp_copy / "dvc.yaml").write_text("stages: {}\n")
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    tracker = Tracker(Params())
+    run_id = tracker.start_model_run("simclr", "baseline")
+    uri = tracker.client.get_run(run_id).info.artifact_uri
+    assert uri.removeprefix("file://").startswith(str(project / "mlartifacts")), uri
+    assert tracking.is_server_uri("http://127.0.0.1:5000") and not tracking.is_server_uri("sqlite:///x.db")

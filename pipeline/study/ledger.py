@@ -45,6 +45,43 @@ def params_of(key: ModelKey, study: Study, params_path: str | Path = "params.yam
     return load_params(params_path, exp.overrides(study.overrides))
 
 
+def items_from_experiment_refs(key: ModelKey, group: str, repo: Path = Path(".")) -> dict[str, np.ndarray]:
+    """Per-item scores of the model ``key`` of config group ``group`` from the DVC experiment commit
+    that holds its files.
+
+    Every queued experiment is committed under ``refs/exps/`` with ``metrics/<model>/*.npz`` and
+    ``models/<model>/run.json`` (method, variant, λ, seed and config group: what defines the model;
+    the MLflow run id is kept out of committed files).  This is the source of record when the
+    run's MLflow artifacts cannot be fetched (a store whose artifact root was the experiment's
+    temporary copy, deleted when it ended)."""
+    import io
+    import subprocess
+
+    from pipeline.tracking import ITEM_FILES, RUN_INFO_FILE, _item_scores
+
+    def show(ref: str, path: str) -> bytes | None:
+        r = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=repo, capture_output=True)
+        return r.stdout if r.returncode == 0 else None
+
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=repo,
+                          capture_output=True, text=True).stdout.split()
+    model = f"{key.method}-{key.variant}"
+    want = {"method": key.method, "variant": key.variant, "lambda": float(key.lam), "seed": key.seed, "group": group}
+    for ref in refs:
+        info = show(ref, f"models/{model}/{RUN_INFO_FILE}")
+        if info is None or {k: json.loads(info).get(k) for k in want} != want:
+            continue
+        scores: dict[str, np.ndarray] = {}
+        for family, name in ITEM_FILES.items():
+            data = show(ref, f"metrics/{model}/{name}")
+            if data is not None:
+                with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                    scores.update(_item_scores(family, arrays))
+        if scores:
+            return scores
+    return {}
+
+
 def done(ledger: Path = LEDGER) -> set[str]:
     return {p.stem for p in Path(ledger).glob("*.json")}
 
@@ -80,7 +117,12 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
             row = sel.iloc[-1]
             if any(c not in row or pd.isna(row[c]) for c in need):
                 continue                                  # still training or evaluating
-            items = collect_items(p, sel.iloc[[-1]]).get(str(row["run_id"]), {})
+            items = (collect_items(p, sel.iloc[[-1]]).get(str(row["run_id"]), {})
+                     or items_from_experiment_refs(key, group))
+            if any(c not in items for c in need if c.startswith(("linear/", "fewshot/"))):
+                print(f"[study] {key.name}: finished, but its per-item scores are neither in MLflow's artifacts "
+                      f"nor in a DVC experiment commit yet; not exported (the paired statistics need them)")
+                continue
             metrics = {c: float(row[c]) for c in row.index if "/" in c and pd.notna(row[c])}
             record = {"key": {"method": key.method, "variant": key.variant, "lambda": key.lam,
                               "strength": key.strength, "seed": key.seed},
