@@ -23,6 +23,15 @@ def _queue_status() -> tuple[dict[str, str], int]:
     return parse_queue_status(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout)
 
 
+def _keep_workers(jobs: int, active: int | None = None) -> None:
+    """Bring the queue back to ``jobs`` workers while tasks wait (a worker can exit, e.g. when it saw an
+    empty queue during a re-queue; `dvc queue start -j N` tops the pool up to N)."""
+    tasks, workers = _queue_status()
+    if (active if active is not None else workers) < jobs and "Queued" in tasks.values():
+        subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _queue_busy() -> bool:
     return bool(_queue_status()[0])
 
@@ -60,10 +69,10 @@ def main() -> int:
             cmd = dvc_queue_command(e, {**study.overrides, "ssl.threads": 1 if a.jobs > 1 else 0})
             print("[study] " + " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-        if a.jobs > workers:
-            subprocess.run(["dvc", "queue", "start", "-j", str(a.jobs - workers)], check=True)
+        _keep_workers(a.jobs, workers)
         while _queue_busy():
             time.sleep(30)
+            _keep_workers(a.jobs)
             new = export_finished(study, missing)
             if new:
                 print(f"[study] finished: {', '.join(new)}", flush=True)

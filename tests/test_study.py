@@ -263,3 +263,21 @@ def test_per_item_scores_are_read_from_the_dvc_experiment_commit_of_the_same_mod
     assert items["fewshot/cfmnist/hue/5way5shot"].tolist() == pytest.approx([40.0, 60.0])
     assert ledger_mod.items_from_experiment_refs(ModelKey("moco", "baseline", 0.0, "strong", 2), "g1", repo) == {}
     assert ledger_mod.items_from_experiment_refs(ModelKey("moco", "baseline", 0.0, "strong", 1), "g2", repo) == {}
+
+
+def test_the_study_runner_tops_the_queue_back_up_to_its_workers(monkeypatch):
+    """A DVC queue worker can exit while tasks still wait (seen in session 5: one of two workers left
+    after a re-queue); `dvc queue start -j N` brings the pool back to N, and nothing is started when
+    nothing waits or the pool is full."""
+    import stages.study as runner
+
+    calls = []
+    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    state = {"status": ({"a": "Running", "b": "Queued"}, 1)}
+    monkeypatch.setattr(runner, "_queue_status", lambda: state["status"])
+    runner._keep_workers(2)
+    assert calls == [["dvc", "queue", "start", "-j", "2"]]
+    for status in (({"a": "Running", "b": "Queued"}, 2), ({"a": "Running"}, 1)):
+        state["status"] = status
+        runner._keep_workers(2)
+    assert len(calls) == 1
