@@ -281,3 +281,15 @@ def test_the_study_runner_tops_the_queue_back_up_to_its_workers(monkeypatch):
         state["status"] = status
         runner._keep_workers(2)
     assert len(calls) == 1
+
+
+def test_the_cost_section_reads_the_benchmark_of_the_study_configuration(tmp_path):
+    from pipeline.study.report import _bench_cost
+
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"device_name": "cpu", "threads": 2, "clock": "wall", "methods": [
+        {"method": "moco", "images_per_s_lambda0": 500.0, "images_per_s_lambda1": 480.0,
+         "augself_overhead_pct": 4.2, "augself_overhead_pct_iqr": [1.0, 7.5]}]}))
+    lines = _bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
+    assert "| moco | augself | 500 | 480 | +4.2 % [+1.0, +7.5] | cpu, 2 threads, wall clock |" in lines
+    assert _bench_cost({"augself": tmp_path / "missing.json"}) == []
