@@ -158,7 +158,10 @@ def _primary_test(diff: pd.DataFrame) -> list[str]:
     lines = ["## The primary test (docs/study.md): AugSelf λ = 1 − baseline on `hue`, one test per method", "",
              "Hierarchical bootstrap interval (seeds, then test images; the call “≠ 0”), the t-interval over "
              "seeds, the t-test's p and Holm's adjustment over the methods tested. With one seed there is no "
-             "test across seeds (the interval is then evaluation noise only).", "",
+             "test across seeds (the interval is then evaluation noise only). With 2–3 seeds the bootstrap "
+             "can draw only those seeds, so it understates the seed-to-seed spread; the t-interval and "
+             "Holm's p are the conservative reading, and where they disagree with “≠ 0” the claim is "
+             "not settled.", "",
              "| method | seeds | Δ | 95 % interval | t over seeds | p | Holm p | ≠ 0 |", "|---|---|---:|---|---|---:|---:|---|"]
     for (_, r), p, h in zip(t.iterrows(), ps, adjusted):
         tint = "" if pd.isna(r["t_low"]) else f"[{r['t_low']:+.2f}, {r['t_high']:+.2f}]"
