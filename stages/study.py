@@ -23,11 +23,11 @@ def _queue_status() -> tuple[dict[str, str], int]:
     return parse_queue_status(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout)
 
 
-def _keep_workers(jobs: int, active: int | None = None) -> None:
+def _keep_workers(jobs: int) -> None:
     """Bring the queue back to ``jobs`` workers while tasks wait (a worker can exit, e.g. when it saw an
     empty queue during a re-queue; `dvc queue start -j N` tops the pool up to N)."""
     tasks, workers = _queue_status()
-    if (active if active is not None else workers) < jobs and "Queued" in tasks.values():
+    if workers < jobs and "Queued" in tasks.values():
         subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -61,7 +61,7 @@ def main() -> int:
         # Re-queue what waits (so it runs the current workspace); leave what a worker already runs (a
         # `make study` whose own process was killed while its workers went on) and add only the workers missing.
         subprocess.run(["dvc", "queue", "remove", "--queued"], check=False)
-        running, workers = _queue_status()
+        running, _ = _queue_status()
         for e in experiments:
             if running.get(e.name) == "Running":
                 print(f"[study] {e.name} is running already; not queued again", flush=True)
@@ -69,7 +69,7 @@ def main() -> int:
             cmd = dvc_queue_command(e, {**study.overrides, "ssl.threads": 1 if a.jobs > 1 else 0})
             print("[study] " + " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-        _keep_workers(a.jobs, workers)
+        _keep_workers(a.jobs)
         while _queue_busy():
             time.sleep(30)
             _keep_workers(a.jobs)
