@@ -32,6 +32,18 @@ def _keep_workers(jobs: int) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _clear_stale_tasks() -> None:
+    """Forget tasks that `dvc queue status` still calls Running while no worker is alive: they were left
+    by a machine or worker that stopped (seen at the start of session 6), and a rerun would otherwise skip
+    them as running and wait on them for ever. `dvc queue kill -f` clears such an entry."""
+    tasks, workers = _queue_status()
+    stale = [name for name, state in tasks.items() if state == "Running"]
+    if stale and workers == 0:
+        print(f"[study] no queue worker is alive; clearing stale running task(s): {', '.join(stale)}", flush=True)
+        subprocess.run(["dvc", "queue", "kill", "-f", *stale], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _queue_busy() -> bool:
     return bool(_queue_status()[0])
 
@@ -61,6 +73,7 @@ def main() -> int:
         # Re-queue what waits (so it runs the current workspace); leave what a worker already runs (a
         # `make study` whose own process was killed while its workers went on) and add only the workers missing.
         subprocess.run(["dvc", "queue", "remove", "--queued"], check=False)
+        _clear_stale_tasks()
         running, _ = _queue_status()
         for e in experiments:
             if running.get(e.name) == "Running":

@@ -283,6 +283,23 @@ def test_the_study_runner_tops_the_queue_back_up_to_its_workers(monkeypatch):
     assert len(calls) == 1
 
 
+def test_the_study_runner_clears_running_tasks_that_no_worker_runs(monkeypatch):
+    """After the machine stopped, `dvc queue status` still listed two tasks as Running with 0 workers; the
+    rerun skipped them as running and would have waited on them. They are killed (cleared) only when no
+    worker is alive: with a live worker a Running task is real and is left alone."""
+    import stages.study as runner
+
+    calls = []
+    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    state = {"status": ({"a": "Running", "b": "Queued", "c": "Running"}, 1)}
+    monkeypatch.setattr(runner, "_queue_status", lambda: state["status"])
+    runner._clear_stale_tasks()
+    assert calls == []
+    state["status"] = ({"a": "Running", "b": "Queued", "c": "Running"}, 0)
+    runner._clear_stale_tasks()
+    assert calls == [["dvc", "queue", "kill", "-f", "a", "c"]]
+
+
 def test_the_cost_section_reads_the_benchmark_of_the_study_configuration(tmp_path):
     from pipeline.study.report import _bench_cost
 
