@@ -94,7 +94,12 @@ def test_writes_every_artefact(full_report):
         assert {f"fig_bars_{family}.png", f"fig_bars_{family}.svg", f"fig_lambda_{family}.png"} <= names
     assert {"fig_loss_curves.png", "fig_loss_curves.svg"} <= names
     for p in paths:
-        assert p.exists() and p.stat().st_size > 0 and p.parent == out
+        assert p.exists() and p.stat().st_size > 0
+        assert p.parent == (out / "figures" if p.name.startswith("fig_") else out), p
+    readme = (out / "README.md").read_text()
+    for p in paths:
+        if p.name.startswith("fig_"):
+            assert f"(figures/{p.name})" in readme, p.name   # the Markdown's links resolve
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths if p.suffix == ".png")
 
 
@@ -173,7 +178,9 @@ def test_html_is_self_contained_with_tables(full_report):
 
 
 def test_single_seed_single_lambda_and_missing_metrics(tmp_path):
-    (tmp_path / "fig_bars_fewshot.png").write_bytes(b"stale figure of a metric that no longer exists")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "fig_bars_fewshot.png").write_bytes(b"stale figure of a metric that no longer exists")
+    (tmp_path / "fig_loss_curves.png").write_bytes(b"a figure where the report kept them before figures/")
     runs = synthetic_runs(methods=("simsiam",), lambdas=(0.5,), seeds=(0,))
     runs = runs.drop(columns=FEWSHOT + [c + "_ci95" for c in FEWSHOT])
     runs.loc[runs.variant == "augself", "probe/crop/r2"] = np.nan
@@ -181,7 +188,8 @@ def test_single_seed_single_lambda_and_missing_metrics(tmp_path):
     paths = build_report(runs, {}, tmp_path, {**CONTEXT, "notes": None})
     names = {p.name for p in paths}
     assert "fig_bars_fewshot.png" not in names and "fig_loss_curves.png" not in names
-    assert not (tmp_path / "fig_bars_fewshot.png").exists()
+    assert not (tmp_path / "figures" / "fig_bars_fewshot.png").exists()
+    assert not (tmp_path / "fig_loss_curves.png").exists()
     assert "fig_lambda_linear.png" in names
     text = (tmp_path / "README.md").read_text()
     assert "no fewshot metric" in text and "`probe/blur/r2` has no value" in text

@@ -10,7 +10,7 @@ metric files) into ``reports/``:
   method and seed, with bootstrap / t / hierarchical intervals and whether 0 is excluded
   (:mod:`pipeline.report.paired`; empty without per-item scores), also a table and ``fig_forest``,
 * ``README.md``: the tables (Δ AugSelf − baseline rows in bold), the figures, the run list,
-* ``fig_*.png`` / ``fig_*.svg``: grouped bars per family, metric against λ, loss curves
+* ``figures/fig_*.png`` / ``.svg``: grouped bars per family, metric against λ, loss curves
   (:mod:`pipeline.report.plots`),
 * ``index.html``: everything above in one self-contained page, plus the parameters
   (:mod:`pipeline.report.html`).
@@ -39,6 +39,9 @@ __all__ = ["build_report", "aggregate", "differences", "curve_key", "Difference"
 
 TITLE = "AugSelf vs baseline: comparison report"
 FIGURE_PREFIX = "fig_"
+# The figures live in their own folder so the report stage can name each of its outputs (dvc.yaml): the
+# folder reports/ also holds the committed study (reports/study/), which is not this stage's output.
+FIGURES_DIR = "figures"
 _EXPECTED = {LINEAR: "linear/<dataset>/<task>/top1", FEWSHOT: "fewshot/<dataset>/<task>/<N>way<K>shot",
              PROBE: "probe/<aug>/r2"}
 # The runs table of the committed report holds only what a rerun that reproduces gives again: run ids,
@@ -85,14 +88,16 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
         notes.append("no per-item scores (linear_predictions.npz / fewshot_episodes.npz) pair up: no paired Δ")
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob(f"{FIGURE_PREFIX}*.png")) + list(out_dir.glob(f"{FIGURE_PREFIX}*.svg")):
-        stale.unlink()
-    figures = _draw_figures(runs, summary, curves, specs, ref_lambda, out_dir, notes)
+    fig_dir = out_dir / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, fig_dir):   # out_dir: where figures lived before they had a folder
+        for stale in list(folder.glob(f"{FIGURE_PREFIX}*.png")) + list(folder.glob(f"{FIGURE_PREFIX}*.svg")):
+            stale.unlink()
+    figures = _draw_figures(runs, summary, curves, specs, ref_lambda, fig_dir, notes)
     if not paired.empty:
         with _plots.style():
             title = "Paired differences to the baseline (same method and seed)"
-            figures.append(_saved(_plots.forest_figure(paired, title), out_dir, "forest", title,
+            figures.append(_saved(_plots.forest_figure(paired, title), fig_dir, "forest", title,
                                   "Dot: Δ (mean of per-seed paired Δ); bar: its 95 % interval (hierarchical "
                                   "bootstrap over seeds then items with ≥ 2 seeds, else the paired bootstrap over "
                                   "items); filled blue: the interval excludes 0."))
@@ -232,8 +237,8 @@ def _markdown(meta: Mapping[str, str], notes: list[str], tables: list[Table], fi
     if figures:
         lines += ["## Figures", ""]
         for f in figures:
-            lines += [f"### {f.title}", "", f"![{f.title}]({f.png.name})", "", f.caption,
-                      f"([SVG]({f.stem}.svg))", ""]
+            lines += [f"### {f.title}", "", f"![{f.title}]({FIGURES_DIR}/{f.png.name})", "", f.caption,
+                      f"([SVG]({FIGURES_DIR}/{f.stem}.svg))", ""]
     run_table = Table("Runs", "", list(run_list.columns), align_right_from=len(run_list.columns))
     for row in run_list.itertuples(index=False):
         run_table.add(list(row))
