@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -173,3 +174,19 @@ def mlflow_runs(uri: str, experiment: str = "augself"):
     exp = client.get_experiment_by_name(experiment)
     runs = [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
     return [r for r in runs if "group_run" not in r.data.tags]   # model runs, not their groups' parent runs
+
+
+def stages_run(output: str) -> set[str]:
+    """The DVC stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def sqlite_uri(project: Path) -> str:
+    return f"sqlite:///{project / 'mlflow.db'}"
+
+
+def by_variant_lambda(runs) -> dict[tuple[str, float], list]:
+    out: dict = {}
+    for r in runs:
+        out.setdefault((r.data.tags["variant"], float(r.data.tags["lambda"])), []).append(r)
+    return out
