@@ -24,9 +24,11 @@ from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_item
 
 
 def default_device() -> str:
-    import torch
+    """Where a stage computes: the CPU, the one GPU, or a GPU this process claimed among several
+    (:mod:`pipeline.gpus`: side-by-side queue workers each take a different GPU)."""
+    from pipeline.gpus import stage_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return stage_device()
 
 
 def parse_model(params: Params, model: str) -> tuple[str, str]:
