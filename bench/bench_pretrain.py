@@ -104,8 +104,12 @@ def _step_flops(setup: "_Setup", i: int) -> int:
     which counts matrix products and convolutions, 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    with counter:
-        setup.full_step(i)
+    runner, setup.runner = setup.runner, setup.model      # count the eager graph (same FLOPs, no compile)
+    try:
+        with counter:
+            setup.full_step(i)
+    finally:
+        setup.runner = runner
     return counter.get_total_flops()
 
 
@@ -121,6 +125,8 @@ class _Setup:
         if params.ssl.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model.train()
+        # what the loop's forward runs (pipeline.train._place): the compiled model under ssl.compile
+        self.runner = torch.compile(self.model) if params.ssl.compile else self.model
         self.optimizer, self.scheduler = build_optimizer(params, self.model, total_steps, total_steps)
         self.amp = resolve_amp(params.ssl.amp, dev)
         self.scaler = torch.amp.GradScaler(dev.type) if self.amp == torch.float16 else None
@@ -138,7 +144,7 @@ class _Setup:
         return (*self.augment(x, g), *self.augment(x, g))
 
     def step(self, i: int, v1, w1, v2, w2) -> None:
-        terms = train_step(self.model, self.optimizer, self.scheduler, self.scaler, v1, v2, w1, w2, self.amp)
+        terms = train_step(self.runner, self.optimizer, self.scheduler, self.scaler, v1, v2, w1, w2, self.amp)
         self.model.method.on_step_end(min(1.0, (i + 1) / self.total_steps))
         self.buf[i % self.buf.shape[0]] = terms          # what the loop does instead of .item()
 
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
+    ap.add_argument("--compile", action="store_true", help="ssl.compile: torch.compile the model (the first "
+                                                           "steps of each condition compile it; raise --warmup)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per condition (split over the rounds)")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the median over rounds is reported")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each condition first")
@@ -260,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     ssl = dataclasses.replace(params.ssl, backbone=cfg["backbone"], width=cfg["width"],
-                              batch_size=cfg["batch_size"], amp=cfg["amp"], methods=methods)
+                              batch_size=cfg["batch_size"], amp=cfg["amp"], methods=methods,
+                              compile=args.compile or params.ssl.compile)
     augs = ([a.strip() for a in args.augself_augs.split(",") if a.strip()] if args.augself_augs
             else params.augself.augmentations)
     try:
@@ -280,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"# bench_pretrain: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{cfg['backbone']} (width {cfg['width']}) {size}x{size}, batch {batch}, amp {cfg['amp']}, "
+          f"compile {params.ssl.compile}, "
           f"{args.steps} timed steps in {args.rounds} interleaved rounds, {args.clock} clock; "
           f"variant {args.variant}: " + (f"AugSelf augs {params.augself.augmentations}, hidden "
                                          f"{params.augself.hidden_dim}; " if args.variant == "augself" else
@@ -379,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "clock": args.clock, "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "config": {**cfg, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers,
+        "config": {**cfg, "compile": params.ssl.compile, "steps": args.steps, "rounds": args.rounds,
+                   "warmup": args.warmup, "workers": args.workers,
                    "augself_augmentations": params.augself.augmentations,
                    "rotation_p": params.augment.rotation_p, "solarize_p": params.augment.solarize_p,
                    "augself_hidden_dim": params.augself.hidden_dim, "images": n_img},
@@ -408,8 +419,8 @@ def _write_variant_result(args, cfg, dev, device_name, load_start, params, rows,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "clock": args.clock, "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "config": {**cfg, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-                   "cassle": dataclasses.asdict(params.cassle), "images": n_img},
+        "config": {**cfg, "compile": params.ssl.compile, "steps": args.steps, "rounds": args.rounds,
+                   "warmup": args.warmup, "cassle": dataclasses.asdict(params.cassle), "images": n_img},
         "methods": rows,
     }
     write_result(out, result)
