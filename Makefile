@@ -15,7 +15,7 @@ repro: setup
 
 test:
 	scripts/setup.sh --test
-	pytest -q -n 2 --dist loadfile --durations=15
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # Add seeds 1 and 2 as queued experiments, run them, and rebuild reports/ over every seed found.
 seeds: repro
