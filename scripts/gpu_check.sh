@@ -54,11 +54,11 @@ step() {
 }
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
-  DEV=cpu; SMALL=(--steps 2 --rounds 1 --warmup 1 --images 512 --workers 1)
+  SMALL=(--steps 2 --rounds 1 --warmup 1 --images 512 --workers 1)
   PRESET=(--preset cpu --device cpu); CIFAR=(--device cpu --image-size 32 --batch-size 64)
   SMOKE=(--device cpu --images 512 --epochs 1); COMPILE_METHODS=simclr; AUG=(--device cpu --sizes 32 --batch-size 64 --steps 1 --rounds 1)
 else
-  DEV=cuda; SMALL=(--steps 40 --rounds 5 --warmup 3 --images 8192 --workers 14)
+  SMALL=(--steps 40 --rounds 5 --warmup 3 --images 8192 --workers 14)
   PRESET=(--preset gpu); CIFAR=(--preset gpu --image-size 32 --batch-size 512)
   SMOKE=(--device cuda); COMPILE_METHODS=simclr,moco; AUG=(--device cuda --sizes 32,96 --batch-size 256 --steps 5 --rounds 5 --workers 14)
 fi
