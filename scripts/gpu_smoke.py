@@ -2,9 +2,10 @@
 
 Pretrains one method for a short schedule (by default 2 epochs of 4096 images: 32 steps) on
 synthetic uint8 images with ``ssl.amp: auto`` (bf16 on CUDA), channels_last and the on-device
-data, checks that the losses are finite and that the schedule finished, then extracts features on the GPU (bf16 autocast) and on the CPU (fp32) from the
-same ``final.pt`` and reports how far apart they are.  Prints one JSON line and writes it to
-``--out``.  On a CPU (``--device cpu``) it is the dry run of issue 13's device script.
+data, checks that the losses are finite and that the schedule finished, then extracts features on
+the GPU (bf16 autocast) and on the CPU (fp32) from the same ``final.pt`` and reports how far apart
+they are.  Prints one JSON line and writes it to ``--out``.  On a CPU (``--device cpu``) it is the
+dry run of issue 13's device script.
 
     python scripts/gpu_smoke.py --device cuda --out $OUT/smoke.json
 """
