@@ -86,7 +86,7 @@ def with_per_sample_norm(build):
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         wrapped.models.append(model)
         return model, backbone, info
-    wrapped.models = []
+    wrapped.models, wrapped.__wrapped__ = [], build
     return wrapped
 
 
@@ -116,21 +116,33 @@ def rank_generators(seed, epoch, step, device="cpu", rank=0):
     return [view_generator(seed, epoch, step, device, r) for r in range(WORLD)]
 
 
-def _rank_worker(rank: int, ports: list[int], out_dir: str) -> None:
-    os.environ.update({"CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": str(WORLD), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"})
+def record_rank_run(method: str, record_dir: Path, out_dir: Path) -> None:
+    """Train ``method`` on this process's rank (from torchrun's environment), recording batches and views.
+
+    Writes ``record_dir/<method>-rank<RANK>.pt`` (the logs, the recorded calls, the final method and
+    head states, and the rank's ``LOCAL_RANK``); ``pretrain()`` itself writes into ``out_dir``
+    (rank 0 only).  Used by the spawned ranks here and by the two-node torchrun test.
+    """
     torch.set_num_threads(1)
     build = with_per_sample_norm(train.build_pretrain_model)
     train.build_pretrain_model, train.BatchAugment = build, Recording
+    Recording.calls, logs = [], []
+    train.pretrain(ddp_params(), method, "augself", tiny_images(), out_dir,
+                   on_log=lambda s, m: logs.append(m), device="cpu", progress=False)
+    model = build.models[-1]
+    rank = int(os.environ["RANK"])
+    torch.save({"logs": logs, "calls": Recording.calls, "method": model.method.state_dict(),
+                "head": model.head.state_dict(), "local_rank": int(os.environ["LOCAL_RANK"])},
+               Path(record_dir) / f"{method}-rank{rank}.pt")
+    train.build_pretrain_model, train.BatchAugment = build.__wrapped__, BatchAugment
+
+
+def _rank_worker(rank: int, ports: list[int], out_dir: str) -> None:
+    os.environ.update({"CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": str(WORLD), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"})
     for method, port in zip(METHODS, ports):
         os.environ["MASTER_PORT"] = str(port)
-        Recording.calls, logs = [], []
-        pretrain_out = Path(out_dir) / method
-        train.pretrain(ddp_params(), method, "augself", tiny_images(), pretrain_out,
-                       on_log=lambda s, m: logs.append(m), device="cpu", progress=False)
-        model = build.models[-1]
-        torch.save({"logs": logs, "calls": Recording.calls, "method": model.method.state_dict(),
-                    "head": model.head.state_dict()}, Path(out_dir) / f"{method}-rank{rank}.pt")
+        record_rank_run(method, Path(out_dir), Path(out_dir) / method)
 
 
 def _free_port() -> int:
@@ -174,7 +186,16 @@ def assert_states_close(a: dict, b: dict, what: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_two_gloo_ranks_equal_one_process_on_the_union_of_the_batch(ddp_runs, method, tmp_path, monkeypatch,
                                                                     one_thread):
-    ranks = [torch.load(ddp_runs / f"{method}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert_ranks_equal_one_process(ddp_runs, ddp_runs / method, method, tmp_path, monkeypatch)
+
+
+def assert_ranks_equal_one_process(record_dir: Path, rank0_out: Path, method: str, tmp_path: Path,
+                                   monkeypatch) -> None:
+    """The recorded ranks (``record_rank_run``) against one process on the union of their batches.
+
+    ``rank0_out`` is where rank 0's ``pretrain()`` wrote its checkpoint.
+    """
+    ranks = [torch.load(record_dir / f"{method}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
     single = single_process_run(method, tmp_path, monkeypatch)
     steps = len(single["logs"])
     assert steps == 4 and len(ranks[0]["logs"]) == steps and ranks[1]["logs"] == []   # rank 0 logs only
@@ -185,7 +206,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_of_the_batch(ddp_runs, me
         assert {k: a[k] for k in losses} == pytest.approx(losses, rel=1e-4, abs=1e-6), (method, s + 1)
 
     # parameters (and MoCo's queue) after the last step, on both ranks, and what rank 0 saved
-    saved = ckpt_io.load(ddp_runs / method / train.CHECKPOINT)
+    saved = ckpt_io.load(rank0_out / train.CHECKPOINT)
     assert saved["world_size"] == WORLD and saved["step"] == steps
     for r, state in enumerate(ranks):
         assert_states_close(state["method"], single["method"], f"{method} rank {r} vs one process:")
