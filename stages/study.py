@@ -15,7 +15,8 @@ import sys
 import time
 
 from pipeline.study.ledger import done, export_finished
-from pipeline.study.plan import dvc_queue_command, experiments_for, load_study, parse_queue_status
+from pipeline.study.plan import (dvc_queue_command, experiments_for, load_study, parse_queue_status, parse_shard,
+                                 shard_models)
 from pipeline.study.report import build
 
 
@@ -53,9 +54,14 @@ def main() -> int:
     ap.add_argument("action", choices=("plan", "run", "export", "report"))
     ap.add_argument("--study", default="study.yaml")
     ap.add_argument("--jobs", type=int, default=2, help="dvc queue workers (each pinned to one CPU thread)")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="this machine's share of the plan: machine I of N trains only its whole experiments "
+                         "(a stable split of the full plan; results meet in the shared MLflow server)")
     a = ap.parse_args()
     study = load_study(a.study)
     models = study.models()
+    if a.shard:
+        models = shard_models(models, parse_shard(a.shard))
     if a.action in ("run", "export"):
         print(f"[study] exported {len(export_finished(study, models))} finished model(s) from MLflow")
     finished = done()

@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.params import load_params
 from pipeline.study import ledger as ledger_mod
-from pipeline.study.plan import ModelKey, dvc_queue_command, experiments_for, load_study
+from pipeline.study.plan import ModelKey, dvc_queue_command, experiments_for, load_study, parse_shard, shard_models
 from pipeline.study.premise import knn_probe, ridge_probe, strength_overrides
 from pipeline.study.report import build
 
@@ -310,3 +310,24 @@ def test_the_cost_section_reads_the_benchmark_of_the_study_configuration(tmp_pat
     lines = _bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
     assert "| moco | augself | 500 | 480 | +4.2 % [+1.0, +7.5] | cpu, 2 threads, wall clock |" in lines
     assert _bench_cost({"augself": tmp_path / "missing.json"}) == []
+
+
+def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_as_models_finish():
+    """`--shard i/n`: every planned model on exactly one machine, a whole experiment per machine, and
+    the same split whatever is already done (so no model is trained by two machines)."""
+    models = load_study("study.yaml").models()
+    for n in (1, 2, 3):
+        shards = [shard_models(models, (i, n)) for i in range(1, n + 1)]
+        assert sorted(k for s in shards for k in s) == sorted(models), n           # a partition
+        assert all(shards), f"{n} machines: one gets nothing"
+        for s in shards:                                                            # whole experiments
+            names = {k.name for k in s}
+            for e in experiments_for(s):
+                assert {k.name for k in e.models()} <= names
+    half = shard_models(models, (1, 2))
+    assert shard_models(models, (1, 2)) == half                                     # deterministic
+    with pytest.raises(ConfigError, match=r"--shard: '3/2' needs 1 ≤ i ≤ n"):
+        parse_shard("3/2")
+    with pytest.raises(ConfigError, match=r"--shard: 'a' is not 'i/n'"):
+        parse_shard("a")
+    assert parse_shard("2/3") == (2, 3)

@@ -208,3 +208,31 @@ def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
             tasks[parts[1]] = parts[-1]
     workers = re.search(r"Worker status: (\d+) active", text)
     return tasks, int(workers.group(1)) if workers else 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (1 ≤ i ≤ n) from ``--shard``; a ConfigError naming the option otherwise."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: {text!r} is not 'i/n' (e.g. --shard 1/2 on the first of two machines)") from None
+    if not 1 <= i <= n:
+        raise ConfigError(f"--shard: {text!r} needs 1 ≤ i ≤ n (e.g. --shard 1/2 and --shard 2/2)")
+    return i, n
+
+
+def shard_models(models: list[ModelKey], shard: tuple[int, int], default_lambda: float = 1.0) -> list[ModelKey]:
+    """The models machine ``i`` of ``n`` trains: whole planned experiments, by a stable hash of their names.
+
+    The split is made over the experiments of the *whole* plan (not of what is still missing), so it
+    does not move as models finish: each planned model belongs to exactly one shard on every machine,
+    whatever each has done, and no two machines train the same model.  Needs no coordination.
+    """
+    import hashlib
+
+    i, n = shard
+    mine = set()
+    for exp in experiments_for(models, default_lambda):
+        if int(hashlib.sha256(exp.name.encode()).hexdigest(), 16) % n == i - 1:
+            mine.update(exp.models())
+    return [k for k in models if k in mine]
