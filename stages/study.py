@@ -15,6 +15,7 @@ import sys
 import time
 
 from pipeline.study.ledger import done, export_finished
+from pipeline.config import ConfigError
 from pipeline.study.plan import (dvc_queue_command, experiments_for, load_study, parse_queue_status, parse_shard,
                                  shard_models)
 from pipeline.study.report import build
@@ -61,7 +62,10 @@ def main() -> int:
     study = load_study(a.study)
     models = study.models()
     if a.shard:
-        models = shard_models(models, parse_shard(a.shard))
+        try:
+            models = shard_models(models, parse_shard(a.shard))
+        except ConfigError as e:
+            ap.error(str(e))                      # one line, exit code 2, before any compute
     if a.action in ("run", "export"):
         print(f"[study] exported {len(export_finished(study, models))} finished model(s) from MLflow")
     finished = done()
