@@ -155,6 +155,24 @@ def run_tags(params: Params, method: str, variant: str) -> dict[str, str]:
     }
 
 
+def run_params(params: Params, method: str, variant: str) -> dict[str, str]:
+    """The params a model run trained with (DESIGN.md, "Metrics and names"): the sections of the other
+    variants are left out (the run did not read them), ``augself.lambda`` is the effective λ (0 for the
+    baseline and CASSLE), and ``method``, ``variant``, ``lambda`` are params as well as tags, so MLflow's
+    compare view ("show diff only") shows what differs between a baseline and an AugSelf run."""
+    from pipeline.params import VARIANTS
+
+    d = to_dict(params)
+    for other in VARIANTS:
+        if other != variant:
+            d.pop(other, None)
+    flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(d).items()}
+    lam = repr(params.lambda_for(variant))
+    flat["augself.lambda"] = lam
+    flat.update(method=method, variant=variant, **{"lambda": lam})
+    return flat
+
+
 def model_name(method: str, variant: str) -> str:
     return f"{method}-{variant}"
 
@@ -267,10 +285,9 @@ class Tracker:
             experiment = self.experiment_id()
             tags["mlflow.parentRunId"] = self.group_run_id(experiment, tags["group"])
             run = self.client.create_run(experiment, tags=tags, run_name=tags["mlflow.runName"])
-            flat = flatten(to_dict(self.params))
             from mlflow.entities import Param
 
-            batch = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat.items()]
+            batch = [Param(k, v) for k, v in run_params(self.params, method, variant).items()]
             for i in range(0, len(batch), 100):
                 self.client.log_batch(run.info.run_id, params=batch[i:i + 100])
             return run.info.run_id

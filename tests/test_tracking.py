@@ -199,3 +199,17 @@ def test_a_queued_stage_keeps_its_artifacts_in_the_project_even_with_the_store_u
     uri = tracker.client.get_run(run_id).info.artifact_uri
     assert uri.removeprefix("file://").startswith(str(project / "mlartifacts")), uri
     assert tracking.is_server_uri("http://127.0.0.1:5000") and not tracking.is_server_uri("sqlite:///x.db")
+
+
+def test_run_params_are_the_ones_the_run_trained_with():
+    """Baseline vs AugSelf differ in MLflow's params (compare view "show diff only"), not only in tags."""
+    params = Params()
+    base = tracking.run_params(params, "simclr", "baseline")
+    aug = tracking.run_params(params, "simclr", "augself")
+    assert base["augself.lambda"] == base["lambda"] == "0.0"
+    assert aug["augself.lambda"] == aug["lambda"] == repr(params.augself.lambda_)
+    assert (base["method"], base["variant"], aug["variant"]) == ("simclr", "baseline", "augself")
+    assert not any(k.startswith(("cassle.", "augself.augmentations")) for k in base)
+    assert not any(k.startswith("cassle.") for k in aug) and "augself.augmentations" in aug
+    diff = {k for k in set(base) | set(aug) if base.get(k) != aug.get(k)}
+    assert {"augself.lambda", "lambda", "variant"} <= diff
