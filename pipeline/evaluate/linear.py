@@ -152,6 +152,8 @@ class _LogisticObjective:
         # A bound on the float64 error of the computed ∇f (Frobenius): each entry is a sum of n
         # products, |error| ≤ γ_{n+10}·Σ_i |P−Y|·|x̃| / n, and ‖P_i − Y_i‖₂ ≤ √2 (the +10 covers the
         # softmax).  It is added to ‖∇f‖ before the certificate uses it.
+        self._reused_preconditioner: _BlockPreconditioner | None = None   # the last fit's, see fit()
+        self._fresh_cg = 0
         self.grad_rounding = ((self.n + 10) * _UNIT_ROUNDOFF * 2 ** 0.5
                               * torch.linalg.vector_norm(self.xt, dim=0).mean().item())
 
@@ -178,11 +180,13 @@ class _LogisticObjective:
     def preconditioner(self, prob: torch.Tensor, reg: float) -> "_BlockPreconditioner":
         """``M ≈ H`` at the point whose softmax is ``prob``: the Hessian's C diagonal blocks,
         ``M_a = Σ_i p_ia(1 − p_ia) x̃_i x̃_iᵀ / n + reg·I`` ((d+1) × (d+1) each, C products over the
-        features), factorised once (Cholesky) and used for every Newton iteration of a fit."""
+        features), factorised (Cholesky).  Building the blocks is the protocol's largest single cost
+        (C·(d+1)²·n multiply-adds, ≈ 130 Hessian-vector products' worth), so a fit reuses the blocks of
+        the fit before it on the path with its own ``reg`` (``_BlockPreconditioner.with_reg``) and
+        rebuilds them only when they have gone stale (``fit``)."""
         curv = prob * (1.0 - prob)                                                    # (C, n)
         blocks = torch.stack([(self.xt * curv[a]) @ self.xt.t() for a in range(self.num_classes)])
-        blocks.div_(self.n).add_(torch.eye(self.d + 1, dtype=blocks.dtype, device=blocks.device), alpha=reg)
-        return _BlockPreconditioner(blocks)
+        return _BlockPreconditioner(blocks.div_(self.n), reg)
 
     def extrapolate(self, before: LogisticFit | None, last: LogisticFit | None, wd: float) -> LogisticFit | None:
         """The warm start of the next fit on the path: ``last``, or the secant step along log w from
@@ -224,7 +228,15 @@ class _LogisticObjective:
         iterations = hvps = 0
         stop = check(theta, (gnorm + self.grad_rounding) / reg) if check is not None else None
         floor_ref, stalled = gnorm, 0
-        precond = self.preconditioner(prob, reg) if stop is None and gnorm > target else None
+        precond, fresh, stale = None, False, False
+        if stop is None and gnorm > target:
+            # The blocks of the fit before this one on the path (its warm start) with this fit's reg,
+            # unless there are none or a CG of that fit showed them stale: then built here.  One
+            # preconditioner per fit, as before: the trust region is measured in its norm, and
+            # changing it mid-fit made the radius meaningless (a 60-class fit from θ = 0 ran to the cap).
+            reused = self._reused_preconditioner
+            precond = reused.with_reg(reg) if reused is not None else self.preconditioner(prob, reg)
+            fresh = reused is None
         while stop is None and gnorm > target and iterations < max_iter:
             if radius is None:
                 # The first step is an unconstrained inexact Newton step; its length then sets the
@@ -245,6 +257,10 @@ class _LogisticObjective:
             step, residual, used, snorm = _steihaug_cg(lambda v: self.hvp(prob, v, reg), grad, radius,
                                                        _CG_FORCING * gnorm, precond)
             hvps += used
+            if fresh:                 # the CG length that fresh blocks give: the yardstick of staleness
+                self._fresh_cg, fresh = used, False
+            elif precond is not None and used > _STALE_CG_FACTOR * self._fresh_cg + 2:
+                stale = True          # reused blocks far from this fit's curvature: the next fit rebuilds
             gs = (grad * step).sum().item()
             predicted = -0.5 * (gs - (step * residual).sum().item())           # −(gᵀs + ½ sᵀHs)
             candidate = theta + step
@@ -283,6 +299,8 @@ class _LogisticObjective:
                     stop = "floor"
         if stop is None:
             stop = "converged" if gnorm <= target else "max_iter"
+        if precond is not None:
+            self._reused_preconditioner = None if stale else precond
         return LogisticFit(theta[:, :-1].t().contiguous(), theta[:, -1].clone(), float(wd), iterations, hvps,
                            gnorm / self.grad0_norm, stop in _FINAL_STOPS, stop)
 
@@ -317,6 +335,7 @@ class _HeldOutCertificate:
 
 
 _CG_FORCING = 0.05                              # CG stops at ‖r‖ ≤ this·‖g‖ (liblinear: 0.1; measured below)
+_STALE_CG_FACTOR = 2.0                          # a CG this many times longer than with fresh blocks: rebuild them
 _RESOLUTION = 1e-15                             # predicted decreases below this·|f| are not resolved
 _ETA0, _ETA1, _ETA2 = 1e-4, 0.25, 0.75          # TRON's acceptance / radius thresholds (liblinear)
 _SIGMA1, _SIGMA2, _SIGMA3 = 0.25, 0.5, 4.0      # TRON's radius factors (liblinear)
@@ -338,9 +357,16 @@ class _BlockPreconditioner:
     with these blocks; ``cfmnist/hue`` (24 classes) 60 362 against 13 753: one shared feature factor
     cannot follow classes whose uncertain examples lie in different parts of feature space."""
 
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks                                                 # (C, d+1, d+1)
-        self.chol = torch.linalg.cholesky(blocks)
+    def __init__(self, curvature: torch.Tensor, reg: float):
+        self.curvature = curvature                                           # (C, d+1, d+1), without reg
+        self.reg = reg
+        eye = torch.eye(curvature.shape[1], dtype=curvature.dtype, device=curvature.device)
+        self.blocks = curvature + reg * eye
+        self.chol = torch.linalg.cholesky(self.blocks)
+
+    def with_reg(self, reg: float) -> "_BlockPreconditioner":
+        """The same curvature blocks with another L2 term (one batched Cholesky, no pass over the data)."""
+        return _BlockPreconditioner(self.curvature, reg)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:       # P₀ M⁻¹ v
         z = torch.cholesky_solve(v.unsqueeze(2), self.chol).squeeze(2)
