@@ -407,3 +407,52 @@ def test_params_yaml_entry_round_trip(tmp_path):
                                   "datasets": {"digits": {"tasks": ["class"], "max_train": 100, "max_test": 50}}}, "data")
     out = prepare_dataset("digits", data.datasets["digits"], data)
     assert load_meta(out.parent, "digits")["splits"] == {"train": 100, "test": 50}
+
+
+class _MarkerPayload:
+    """Unpickling this calls ``open(marker, "w")``: the marker appears if the reader trusts the pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_cifar_batch_is_refused_and_never_runs(tmp_path):
+    import pickle
+
+    fakes.write_cifar10(tmp_path / "raw")
+    bad = tmp_path / "raw" / "cifar-10-batches-py" / "data_batch_2"
+    with open(bad, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")           # the fake's own (safe) content
+    marker = tmp_path / "pwned"
+    batch["filenames"] = _MarkerPayload(marker)
+    with open(bad, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with open(bad, "rb") as f:                              # guard: plain pickle would run it
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CorruptDatasetError, match=r"(?s)data_batch_2.*refused: it names (builtins|io)\.open") as err:
+        prepare_dataset("cifar10", DatasetEntry(tasks=["class"]), params(tmp_path))
+    assert "can run code" in str(err.value)
+    assert not marker.exists()
+    assert not (tmp_path / "prepared" / "cifar10").exists()
+
+
+def test_no_loader_in_the_pipeline_trusts_a_pickle():
+    """Every file the pipeline reads goes through a restricted loader (pipeline.checkpoint.load,
+    the CIFAR unpickler, np.load without pickles): no plain pickle.load / torch.load with
+    weights_only=False / np.load(allow_pickle=True) / yaml.load / yaml.unsafe_load in the code."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    unsafe = re.compile(r"pickle\.loads?\(|weights_only\s*=\s*False|allow_pickle\s*=\s*True|yaml\.load\(|"
+                        r"yaml\.unsafe_load|torch\.load\((?![^)]*weights_only\s*=\s*True)")
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+            for d in ("pipeline", "stages", "scripts", "bench") for p in sorted((root / d).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if unsafe.search(line) and not line.lstrip().startswith("#")]
+    assert not hits, "unsafe loads:\n" + "\n".join(hits)

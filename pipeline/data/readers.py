@@ -66,10 +66,41 @@ def find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
+# What a CIFAR python batch may name (its dict, lists, str and int are pickle opcodes, not
+# globals): numpy's array reconstruction, under numpy 1's and numpy 2's module names, and
+# _codecs.encode, which protocol 2 pickles written by Python 3 use for bytes (it only encodes a str).
+_CIFAR_GLOBALS = {
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names a callable a CIFAR batch never needs (it could run code when unpickled)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only numpy arrays and plain containers: any other global is refused before it is
+    imported, so a crafted batch file cannot run code (plain ``pickle.load`` would call whatever its
+    ``__reduce__`` names)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise UnsafePickleError(f"it names {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except UnsafePickleError as e:
+        raise CorruptDatasetError.file(path, f"refused: {e}; such a file can run code when unpickled, so it "
+                                             "is never loaded. Replace it with the original CIFAR python "
+                                             "batch (cifar-10-python.tar.gz / cifar-100-python.tar.gz)") from e
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
             ModuleNotFoundError, IndexError) as e:
         raise CorruptDatasetError.file(path, f"not a readable CIFAR pickle ({type(e).__name__}: {e})") from e

@@ -76,7 +76,9 @@ def _backbone_at(params: Params, method: str, run_dir: Path, epoch: int, images:
         return backbone.eval()
     steps = epoch * (len(images) // params.ssl.batch_size)
     pretrain(params, method, "baseline", images, run_dir, max_steps=steps, progress=False)
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    from pipeline.checkpoint import load as load_checkpoint   # the safe loader: tensors and containers only
+
+    state = load_checkpoint(run_dir / "checkpoint.pt")
     assert state["step"] == steps, (state["step"], steps)
     torch.manual_seed(params.seed)
     _, backbone, _ = build_pretrain_model(params, method, "baseline", images.shape[1])
