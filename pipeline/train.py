@@ -654,7 +654,7 @@ def _setup(params: Params, method: str, variant: str, images: np.ndarray, out_di
     torch.manual_seed(params.seed)            # identical initialisation on every rank (DDP also broadcasts it)
     model, backbone, arch = build_pretrain_model(params, method, variant, images.shape[1])
     model.to(dev)
-    if ssl.channels_last:
+    if use_channels_last(ssl, dev):
         model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(params, model, steps_per_epoch, total_steps)
     amp_dtype = resolve_amp(ssl.amp, dev)
@@ -724,6 +724,22 @@ def _place(run: _Run, images: np.ndarray) -> None:
     run.model.train()
 
 
+# oneDNN's channels-last convolution backward crashes on the CPU when a layer has fewer than 8
+# channels (measured session 8, AMD EPYC with AVX2, torch 2.14.1, resnet_small forward + backward,
+# batch 64: width 4 segfaults with 1 thread and hangs with 2, width 6 aborts, widths 8-16 run).
+_CPU_CHANNELS_LAST_MIN_WIDTH = 8
+
+
+def use_channels_last(ssl, device: torch.device) -> bool:
+    """Whether model and views use channels-last memory: ``ssl.channels_last``, except a narrow
+    ``resnet_small`` on the CPU (< 8 channels), whose backward crashes there (contiguous instead;
+    the default width 16 keeps channels-last, so its models are unchanged)."""
+    if not ssl.channels_last:
+        return False
+    narrow = ssl.backbone == "resnet_small" and ssl.width < _CPU_CHANNELS_LAST_MIN_WIDTH
+    return not (device.type == "cpu" and narrow)
+
+
 def _train_step(run: _Run) -> None:
     """This rank's slice of the next global batch, two views from the step's generator, one update."""
     seed, ssl = run.params.seed, run.params.ssl
@@ -738,7 +754,7 @@ def _train_step(run: _Run) -> None:
     gen = view_generator(seed, epoch, run.step, "cpu", run.rank)
     v1, w1 = run.augment(x, gen)
     v2, w2 = run.augment(x, gen)
-    if not ssl.channels_last:                      # BatchAugment returns channels-last memory
+    if not use_channels_last(ssl, run.dev):         # BatchAugment returns channels-last memory
         v1, v2 = v1.contiguous(), v2.contiguous()
     run.step += 1
     nan_term = (run.model.term_names.index(run.nan_hook[1])

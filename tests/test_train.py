@@ -344,3 +344,29 @@ def test_ddp_two_processes_gloo(tmp_path):
     rows = (out / LOSSES).read_text().splitlines()
     assert len(rows) == 1 + 2                          # header + log points 2 and 4, written once (rank 0)
     assert "per rank" in proc.stderr                   # gloo: SyncBatchNorm unavailable, said so
+
+
+_NARROW_CHANNELS_LAST_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests.test_train import tiny_params, tiny_images
+from pipeline.train import pretrain
+torch.set_num_threads(1)
+res = pretrain(tiny_params(channels_last=True, methods=["simclr"], epochs=1, width=int(sys.argv[3])),
+               "simclr", "baseline", tiny_images(64), sys.argv[2], device="cpu", progress=False)
+assert res.finished
+print("trained")
+"""
+
+
+@pytest.mark.parametrize("width", [4, 6])
+def test_a_narrow_network_trains_on_the_cpu_with_channels_last_on(tmp_path, width):
+    """oneDNN's channels-last backward segfaults (width 4) or aborts (width 6) on this CPU; the pipeline
+    trains such a network in the contiguous layout instead, with the default ``ssl.channels_last: true``.
+    A subprocess, so that a crash is a red test instead of a dead test run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _NARROW_CHANNELS_LAST_SCRIPT, str(ROOT), str(tmp_path), str(width)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "trained" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
