@@ -359,7 +359,6 @@ class _BlockPreconditioner:
 
     def __init__(self, curvature: torch.Tensor, reg: float):
         self.curvature = curvature                                           # (C, d+1, d+1), without reg
-        self.reg = reg
         eye = torch.eye(curvature.shape[1], dtype=curvature.dtype, device=curvature.device)
         self.blocks = curvature + reg * eye
         self.chol = torch.linalg.cholesky(self.blocks)
