@@ -16,9 +16,12 @@ Two sources of uncertainty are kept apart:
   shows in the per-seed Δ), and a **hierarchical bootstrap** that resamples seeds, then items within
   each drawn seed, so that its interval carries both sources.
 
-A difference is called *distinguishable from zero* when its 95 % interval excludes 0 (the
-hierarchical interval when there are ≥ 2 seeds, else the per-seed bootstrap, which then speaks for
-evaluation noise only; the report says which).
+The decision (is Δ distinguishable from zero?) is the design's test, made across seeds only: the
+two-sided one-sample t-test of the per-seed Δ (:func:`t_test_p`), Holm-corrected across methods
+(:func:`holm`; :mod:`pipeline.report.paired` applies it).  The hierarchical bootstrap is
+descriptive: with 2–3 seeds it can only redraw those seeds and is several times narrower than the
+t-interval.  One seed carries no decision: its paired bootstrap speaks for evaluation noise only and
+cannot tell a method effect from a seed.
 
 The metric of a resample is the mean of per-item scores (top-1 correctness, episode accuracy);
 for a class-average metric :func:`paired_bootstrap` takes per-item class labels and averages the

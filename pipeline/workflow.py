@@ -326,6 +326,22 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
 EVALUATION_STEPS: dict[str, Callable] = {
     "features": run_features, "linear": run_linear, "fewshot": run_fewshot, "probe": run_probe,
 }
+# Wall seconds of each evaluation step, logged into the model's MLflow run only (not into the committed
+# metric files, which a rerun that reproduces must rewrite byte for byte): the study's ledger copies
+# every metric of the run, so its cost table reads them (issue 23 item 5).
+STEP_SECONDS = "time/{step}_s"
+
+
+def run_evaluation_step(step: str, params: Params, model: str, models_dir: Path, features_dir: Path,
+                        metrics_dir: Path):
+    """Run one evaluation step and log its wall time as ``time/<step>_s`` into the model's run."""
+    t0 = time.perf_counter()
+    out = EVALUATION_STEPS[step](params, model, models_dir=models_dir, features_dir=features_dir,
+                                 metrics_dir=metrics_dir)
+    seconds = time.perf_counter() - t0
+    tracker = Tracker(params)
+    tracker.log_metrics(read_run_id(Path(models_dir) / model), {STEP_SECONDS.format(step=step): seconds})
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------

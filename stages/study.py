@@ -5,6 +5,8 @@ run     export what MLflow already holds, queue the missing models as `dvc exp r
         experiments, run the queue, export each model as it finishes, then build reports/study/
 export  copy finished models from MLflow into the ledger (reports/study/runs/)
 report  rebuild reports/study/ from the ledger
+power   the confirmatory study's power from the ledger's paired hue Δ (pipeline/study/power.py): prints
+        the seeds per method for each target and the power table, writes reports/study/power.json
 
 Resumable: killed at any point, `make study` (= run) continues from what the ledger and MLflow hold.
 """
@@ -52,13 +54,21 @@ def _queue_busy() -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("plan", "run", "export", "report"))
+    ap.add_argument("action", choices=("plan", "run", "export", "report", "power"))
     ap.add_argument("--study", default="study.yaml")
     ap.add_argument("--jobs", type=int, default=2, help="dvc queue workers (each pinned to one CPU thread)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="this machine's share of the plan: machine I of N trains only its whole experiments "
                          "(a stable split of the full plan; results meet in the shared MLflow server)")
     a = ap.parse_args()
+    if a.action == "power":                       # reads the ledger only: trains and plans nothing
+        from pathlib import Path
+
+        from pipeline.study.ledger import LEDGER
+        from pipeline.study.power import main as power
+
+        power(LEDGER, Path("reports/study/power.json"))
+        return 0
     study = load_study(a.study)
     models = study.models()
     if a.shard:

@@ -204,6 +204,37 @@ def test_single_seed_single_lambda_and_missing_metrics(tmp_path):
     assert probe_cells[_markdown_rows(probe, "method")[0].index("crop R²")] == "–"
 
 
+def test_a_one_seed_row_shows_its_interval_and_no_decision(tmp_path):
+    """The default report has one seed: its paired Δ must show the evaluation-noise interval and carry no
+    decision anywhere (README, index.html, differences.csv, forest plot), even where that interval
+    excludes 0, and say why (one run cannot tell a method effect from a seed)."""
+    rng = np.random.default_rng(5)
+    runs = synthetic_runs(methods=("simclr",), lambdas=(1.0,), seeds=(0,))
+    labels = rng.integers(0, 5, 2000)
+    items = {}
+    for r in runs.itertuples():
+        acc = 0.8 if r.variant == "augself" else 0.6                 # a 20-point one-seed Δ
+        items[r.run_id] = {"linear/cfmnist/class/top1": 100.0 * (rng.random(2000) < acc)}
+    build_report(runs, {}, tmp_path, CONTEXT, items=items)
+    diff = pd.read_csv(tmp_path / "differences.csv")
+    assert len(diff) == 1
+    row = diff.iloc[0]
+    assert row["low"] > 0 and row["n_seeds"] == 1                         # the interval excludes 0 ...
+    assert pd.isna(row["distinguishable"]) and pd.isna(row["holm_p"])    # ... and decides nothing
+    assert row["interval"].startswith("paired bootstrap over items (1 seed")
+    text = (tmp_path / "README.md").read_text()
+    table = text.split("## Paired differences")[1].split("\n## ")[0]
+    cells = _markdown_rows(table, "simclr")[0]
+    header = _markdown_rows(table, "method")[0]
+    assert cells[header.index("decision")] == "none (1 seed)"
+    assert cells[header.index("95 % interval")] == f"[{row['low']:+.2f}, {row['high']:+.2f}]"
+    assert not any(line.startswith("| **simclr**") for line in table.splitlines())   # not highlighted
+    assert "cannot tell a method effect from a seed" in table
+    page = (tmp_path / "index.html").read_text()
+    section = page.split("Paired differences to the baseline")[1]
+    assert 'class="delta"' not in section.split("</table>")[0] and "none (1 seed)" in section
+
+
 def test_curves_found_by_run_id_or_fallback_key():
     runs, _ = validate_runs(synthetic_runs(methods=("moco",), lambdas=(1.0,), seeds=(0, 1)))
     for by_key in (False, True):
@@ -354,11 +385,15 @@ def test_report_numbers_equal_the_mlflow_runs_and_files_they_were_built_from(tmp
             row = diffs.loc[metric]
             assert row["delta"] == pytest.approx(np.mean(per_seed), abs=1e-9)
             assert row["low"] < row["delta"] < row["high"]
-            assert bool(row["distinguishable"]) == (row["low"] > 0 or row["high"] < 0)
+            if len(seeds) > 1:     # one method: Holm's p is the t-test's, the decision the t-interval's
+                assert row["holm_p"] == pytest.approx(row["t_p"]) and row["interval"] == "t over seeds"
+                assert bool(row["distinguishable"]) == (row["low"] > 0 or row["high"] < 0)
+            else:                  # one seed: the interval stays, the decision is empty
+                assert pd.isna(row["distinguishable"]) and pd.isna(row["holm_p"]) and pd.isna(row["t_p"])
             if len(seeds) > 1:
                 half = stats.t.ppf(0.975, len(seeds) - 1) * np.std(per_seed, ddof=1) / np.sqrt(len(seeds))
-                assert row["t_low"] == pytest.approx(np.mean(per_seed) - half, abs=1e-9)
-                assert row["t_high"] == pytest.approx(np.mean(per_seed) + half, abs=1e-9)
+                assert row["low"] == pytest.approx(np.mean(per_seed) - half, abs=1e-9)   # the t-interval
+                assert row["high"] == pytest.approx(np.mean(per_seed) + half, abs=1e-9)
             else:   # one seed: the paired bootstrap's width is ≈ 2·1.96 standard errors of the mean Δ
                 d = raw["augself", seeds[0]][metric] - raw["baseline", seeds[0]][metric]
                 assert (row["high"] - row["low"]) / (2 * 1.96 * d.std() / np.sqrt(len(d))) == pytest.approx(1, abs=0.15)

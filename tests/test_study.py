@@ -177,9 +177,10 @@ def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkey
     monkeypatch.setattr(ledger_mod, "items_from_experiment_refs", lambda key, group: {})
     ledger = tmp_path / "runs"
     assert ledger_mod.export_finished(s, [key], ledger) == []            # linear and few-shot only: waits
-    store["runs"] = pd.DataFrame([{**row, **{c: 0.5 for c in probes}}])
+    store["runs"] = pd.DataFrame([{**row, **{c: 0.5 for c in probes}, "time/linear_s": 12.5}])
     assert ledger_mod.export_finished(s, [key], ledger) == [key.name]
-    assert json.loads((ledger / f"{key.name}.json").read_text())["metrics"]["probe/flip/acc"] == 0.5
+    exported = json.loads((ledger / f"{key.name}.json").read_text())["metrics"]
+    assert exported["probe/flip/acc"] == 0.5 and exported["time/linear_s"] == 12.5    # the cost table reads it
     # finished, but no per-item scores anywhere: not exported (the paired statistics need them)
     other = ModelKey("moco", "augself", 1.0, "strong", 0)
     store["runs"] = pd.DataFrame([{**row, **{c: 0.5 for c in probes}, "variant": "augself", "lambda": 1.0}])
@@ -204,14 +205,19 @@ Worker status: 2 active, 0 idle
 
 
 def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
-    """SimCLR's and BYOL's AugSelf are made better on hue and MoCo's worse: the findings count them, the
-    headline table bolds both, and the λ figure disappears when the λ slice leaves the ledger."""
+    """SimCLR's and BYOL's AugSelf are made better on hue and MoCo's worse (3 seeds each): the findings
+    count them by the design's test (t over seeds, Holm), the headline table bolds them; SimSiam has one
+    seed only, and however large its Δ it gets its evaluation-noise interval and no decision; the λ
+    figure disappears when the λ slice leaves the ledger."""
     rng = np.random.default_rng(1)
     ledger = tmp_path / "runs"
     col = "linear/cfmnist/hue/top1"
-    effect = {("simclr", 1.0): 0.3, ("simclr", 0.5): 0.0, ("moco", 1.0): -0.3, ("byol", 1.0): 0.3}
-    for seed in (0, 1):
-        for method in ("simclr", "moco", "byol"):
+    effect = {("simclr", 1.0): 0.3, ("simclr", 0.5): 0.0, ("moco", 1.0): -0.3, ("byol", 1.0): 0.3,
+              ("simsiam", 1.0): 0.3}
+    for seed in (0, 1, 2):
+        for method in ("simclr", "moco", "byol", "simsiam"):
+            if method == "simsiam" and seed > 0:
+                continue
             base = (rng.random(500) < 0.5).astype(np.float32) * 100
             _write_model(ledger, ModelKey(method, "baseline", 0.0, "strong", seed),
                          {col: float(base.mean())}, {col: base})
@@ -224,9 +230,19 @@ def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
                              {col: float(aug.mean())}, {col: aug})
     s = study(tmp_path)
     text = build(s, tmp_path / "out", ledger).read_text()
-    assert "**hue, 24-way linear**, AugSelf λ = 1 − baseline, of 3 method(s): higher in 2, lower in 1" in text
+    assert ("**hue, 24-way linear**, AugSelf λ = 1 − baseline, of 4 method(s): higher in 2, lower in 1, "
+            "not distinguishable in 0, no decision (1 seed) in 1") in text
     table = [line for line in text.splitlines() if line.startswith(("| simclr | augself", "| moco | augself"))]
     assert len(table) == 2 and all("**" in line for line in table)
+    one = [line for line in text.splitlines() if line.startswith("| simsiam | augself")]
+    assert len(one) == 1 and "**" not in one[0] and "(1 seed)" in one[0]
+    primary = text.split("## The primary test")[1].split("\n## ")[0]
+    assert "| simsiam | 0 |" in primary and "none (1 seed)" in primary and "**higher**" in primary
+    import pandas as pd
+
+    diff = pd.read_csv(tmp_path / "out" / "differences.csv")
+    ss = diff[(diff.method == "simsiam") & (diff.metric == col)].iloc[0]
+    assert ss["low"] > 0 and pd.isna(ss["distinguishable"]) and pd.isna(ss["holm_p"])   # excludes 0, no decision
     assert "* λ (SimCLR, strong), hue, 24-way linear: λ = 0.5:" in text
     for fig in ("forest.png", "lambda.png"):
         assert (tmp_path / "out" / fig).stat().st_size > 10_000
@@ -234,6 +250,40 @@ def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
         f.unlink()
     text = build(s, tmp_path / "out", ledger).read_text()
     assert not (tmp_path / "out" / "lambda.png").exists() and "lambda.png" not in text
+
+
+def test_the_decision_is_the_t_test_over_seeds_with_holm_not_the_bootstrap(tmp_path):
+    """Two seeds that agree closely but not exactly: the hierarchical bootstrap (which can redraw only
+    those two seeds) excludes 0, the t-test over 2 seeds (1 degree of freedom) does not; the decision
+    must follow the t-test, and Holm's p must be the step-down adjustment over the methods."""
+    from scipy import stats
+
+    from pipeline.stats import holm
+
+    rng = np.random.default_rng(3)
+    ledger = tmp_path / "runs"
+    col = "linear/cfmnist/hue/top1"
+    per_seed = {}
+    for method, flips in (("simclr", (0.02, 0.06)), ("moco", (0.03, 0.05))):
+        for seed, f in zip((0, 1), flips):
+            base = (rng.random(4000) < 0.5).astype(np.float32) * 100
+            aug = np.where(rng.random(4000) < f, 100.0, base).astype(np.float32)
+            per_seed.setdefault(method, []).append(float(aug.mean() - base.mean()))
+            _write_model(ledger, ModelKey(method, "baseline", 0.0, "strong", seed), {col: 1.0}, {col: base})
+            _write_model(ledger, ModelKey(method, "augself", 1.0, "strong", seed), {col: 1.0}, {col: aug})
+    build(study(tmp_path), tmp_path / "out", ledger)
+    import pandas as pd
+
+    diff = pd.read_csv(tmp_path / "out" / "differences.csv").set_index("method")
+    ps = {m: stats.ttest_1samp(d, 0.0).pvalue for m, d in per_seed.items()}
+    adjusted = dict(zip(ps, holm(list(ps.values()))))
+    for method in ("simclr", "moco"):
+        r = diff.loc[method]
+        assert r["boot_low"] > 0                                   # the bootstrap alone would call it
+        assert r["t_p"] == pytest.approx(ps[method], abs=1e-4)      # the CSV has 4 decimals
+        assert r["holm_p"] == pytest.approx(adjusted[method], abs=1e-4)
+        assert bool(r["distinguishable"]) == (adjusted[method] < 0.05)
+        assert r["low"] < 0 < r["high"] and not bool(r["distinguishable"])   # t-interval, 1 df: no decision
 
 
 def test_per_item_scores_are_read_from_the_dvc_experiment_commit_of_the_same_model(tmp_path):
@@ -310,6 +360,57 @@ def test_the_cost_section_reads_the_benchmark_of_the_study_configuration(tmp_pat
     lines = _bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
     assert "| moco | augself | 500 | 480 | +4.2 % [+1.0, +7.5] | cpu, 2 threads, wall clock |" in lines
     assert _bench_cost({"augself": tmp_path / "missing.json"}) == []
+
+
+def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_from_the_ledger(tmp_path, monkeypatch):
+    """Issue 23 item 5: an evaluation step logs ``time/<step>_s`` into the model's run (not into the
+    committed metric files); the ledger copies it; the study's cost table shows per variant the
+    pretraining images/s and each step's seconds, and "not recorded" where a model predates them."""
+    import pandas as pd
+
+    import pipeline.workflow as wf
+    from pipeline.study.report import _cost_table, cost_per_variant
+
+    logged = []
+
+    class Recorder:
+        def __init__(self, params):
+            pass
+
+        def log_metrics(self, run_id, metrics, **kw):
+            logged.append((run_id, metrics))
+
+    (tmp_path / "models" / "simclr-baseline").mkdir(parents=True)
+    (tmp_path / "models" / "simclr-baseline" / wf.RUN_ID_FILE).write_text("run-7")
+    monkeypatch.setattr(wf, "Tracker", Recorder)
+    monkeypatch.setitem(wf.EVALUATION_STEPS, "linear", lambda params, model, **dirs: {"linear/x/y/top1": 50.0})
+    out = wf.run_evaluation_step("linear", None, "simclr-baseline", tmp_path / "models", tmp_path / "f", tmp_path / "m")
+    assert out == {"linear/x/y/top1": 50.0}
+    assert len(logged) == 1 and logged[0][0] == "run-7" and list(logged[0][1]) == ["time/linear_s"]
+    assert 0 <= logged[0][1]["time/linear_s"] < 5
+
+    ledger = tmp_path / "runs"
+    col = "linear/cfmnist/hue/top1"
+    speed = {("baseline", 0): 200.0, ("baseline", 1): 300.0, ("augself", 0): 150.0}
+    for (variant, seed), ips in speed.items():
+        m = {col: 50.0, "pretrain/images_per_s": ips, "pretrain/wall_time_s": 10000 / ips, "pretrain/monitor_s": 3.0}
+        if seed == 1:                                   # only the newer model recorded its evaluation
+            m.update({"time/features_s": 4.0, "time/linear_s": 30.0, "time/fewshot_s": 12.0, "time/probe_s": 6.0})
+        lam = 1.0 if variant == "augself" else 0.0
+        _write_model(ledger, ModelKey("moco", variant, lam, "strong", seed), m, {col: np.zeros(4, np.float32)})
+    from pipeline.study.ledger import read_ledger
+
+    runs, _ = read_ledger(ledger)
+    table = cost_per_variant(runs).set_index("variant")
+    assert table.loc["baseline", "pretrain/images_per_s/mean"] == pytest.approx(250.0)
+    assert table.loc["baseline", "time/linear_s/mean"] == pytest.approx(30.0)
+    assert table.loc["baseline", "time/linear_s/n"] == 1 and table.loc["augself", "time/linear_s/n"] == 0
+    text = "\n".join(_cost_table(runs))
+    assert "| strong | moco | baseline | 0 | 2 | 250 [200–300] | 42 [33–50] | 3 [3–3] | 4 | 30 | 12 | 6 |" in text
+    assert "| strong | moco | augself | 1 | 1 | 150 | 67 | 3 | not recorded | not recorded | not recorded | not recorded |" in text
+    assert "no model in this ledger recorded them" not in text
+    old = runs.drop(columns=[c for c in runs if c.startswith("time/")])
+    assert "no model in this ledger recorded them" in "\n".join(_cost_table(old))
 
 
 def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_as_models_finish():

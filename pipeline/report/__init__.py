@@ -7,8 +7,9 @@ metric files) into ``reports/``:
   over seeds (see :mod:`pipeline.report.tables` for the statistics),
 * ``lambda.csv``: the same means in tidy form against λ (the DVC plot of accuracy vs λ),
 * ``differences.csv``: paired Δ of every non-baseline variant against the baseline of the same
-  method and seed, with bootstrap / t / hierarchical intervals and whether 0 is excluded
-  (:mod:`pipeline.report.paired`; empty without per-item scores), also a table and ``fig_forest``,
+  method and seed, with its interval (t over seeds; one seed: the paired bootstrap over items) and,
+  with ≥ 2 seeds only, the decision (t-test, Holm across methods) and the descriptive hierarchical
+  bootstrap (:mod:`pipeline.report.paired`; empty without per-item scores), also a table and ``fig_forest``,
 * ``README.md``: the tables (Δ AugSelf − baseline rows in bold), the figures, the run list,
 * ``figures/fig_*.png`` / ``.svg``: grouped bars per family, metric against λ, loss curves
   (:mod:`pipeline.report.plots`),
@@ -98,9 +99,10 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
         with _plots.style():
             title = "Paired differences to the baseline (same method and seed)"
             figures.append(_saved(_plots.forest_figure(paired, title), fig_dir, "forest", title,
-                                  "Dot: Δ (mean of per-seed paired Δ); bar: its 95 % interval (hierarchical "
-                                  "bootstrap over seeds then items with ≥ 2 seeds, else the paired bootstrap over "
-                                  "items); filled blue: the interval excludes 0."))
+                                  "Dot: Δ (mean of per-seed paired Δ); bar: its 95 % interval (t over seeds with "
+                                  "≥ 2 seeds; dotted, with one seed: the paired bootstrap over items, evaluation "
+                                  "noise only, no decision); filled blue: the t-test over seeds, Holm-corrected "
+                                  "across methods, says Δ ≠ 0."))
     differences_csv = out_dir / "differences.csv"
     paired.to_csv(differences_csv, index=False)
 

@@ -345,18 +345,24 @@ def monitor_figure(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame], title
 
 
 def forest_figure(paired: pd.DataFrame, title: str) -> Figure | None:
-    """One row per method × variant × λ × metric: Δ with its 95 % interval against zero (filled marker:
-    the interval excludes 0).  Rows come from :func:`pipeline.report.paired.paired_differences`."""
+    """One row per method × variant × λ × metric: Δ with its 95 % interval against zero.  Rows come from
+    :func:`pipeline.report.paired.paired_differences`: filled blue where the decision (t over seeds,
+    Holm) says Δ ≠ 0, hollow grey otherwise, and hollow grey with a dotted bar for a one-seed row (its
+    interval is evaluation noise and it carries no decision)."""
+    from pipeline.report.paired import decided
+
     if paired.empty:
         return None
     fig = Figure(figsize=(7.5, 0.42 * len(paired) + 1.4), layout="constrained")
     ax = fig.add_subplot()
-    labels = [f"{r.method}: {r.variant} (λ={r['lambda']:g}) − baseline · {r.label}" for _, r in paired.iterrows()]
+    labels = [f"{r.method}: {r.variant} (λ={r['lambda']:g}) − baseline · {r.label}"
+              + (" (1 seed)" if int(r["n_seeds"]) < 2 else "") for _, r in paired.iterrows()]
     ys = np.arange(len(paired))[::-1]
     for y, (_, r) in zip(ys, paired.iterrows()):
-        colour = "tab:blue" if r["distinguishable"] else "tab:grey"
-        ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=2)
-        ax.plot([r["delta"]], [y], "o", color=colour, mfc=colour if r["distinguishable"] else "white")
+        yes = decided(r)
+        colour = "tab:blue" if yes else "tab:grey"
+        ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=2, ls=":" if int(r["n_seeds"]) < 2 else "-")
+        ax.plot([r["delta"]], [y], "o", color=colour, mfc=colour if yes else "white")
     ax.axvline(0.0, color="black", lw=0.8, ls="--")
     ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlabel("Δ (percentage points), 95 % paired interval")

@@ -7,7 +7,9 @@
 * :func:`strength_figure`: the premise and the remedy in one picture: the baseline's and AugSelf's
   hue accuracy against colour strength, and their Δ against strength per task.
 
-Filled marker: the interval excludes 0.  Every figure reads the same ``differences`` frame as the
+Bars: the t-interval over seeds; dotted bars: one seed, the paired bootstrap over items (evaluation
+noise only, no decision).  Filled marker: the design's test (t over seeds, Holm across methods) says
+Δ ≠ 0.  Every figure reads the same ``differences`` frame as the
 README's tables (:func:`pipeline.study.report.differences`), so a picture and its table cannot disagree.
 """
 
@@ -45,12 +47,15 @@ def _plt():
 
 
 def _interval(ax, x, r, colour, horizontal: bool):
-    filled = bool(r["distinguishable"])
+    from pipeline.report.paired import decided
+
+    filled = decided(r)
+    ls = ":" if int(r["n_seeds"]) < 2 else "-"          # one seed: evaluation noise, no decision
     if horizontal:
-        ax.plot([r["low"], r["high"]], [x, x], color=colour, lw=2)
+        ax.plot([r["low"], r["high"]], [x, x], color=colour, lw=2, ls=ls)
         ax.plot([r["delta"]], [x], "o", color=colour, mfc=colour if filled else "white")
     else:
-        ax.plot([x, x], [r["low"], r["high"]], color=colour, lw=2)
+        ax.plot([x, x], [r["low"], r["high"]], color=colour, lw=2, ls=ls)
         ax.plot([x], [r["delta"]], "o", color=colour, mfc=colour if filled else "white")
 
 
@@ -76,7 +81,8 @@ def forest_by_task(diff: pd.DataFrame, path: Path) -> bool:
     axes[0][0].set_yticks(list(ys.values()),
                           [f"{m} + {'AugSelf' if v == 'augself' else 'CASSLE'} (seeds {seeds[(m, v)]})"
                            for m, v in ys], fontsize=8)
-    fig.suptitle("Variant − baseline at strong colour, paired, 95 % interval (filled: excludes 0)", fontsize=10)
+    fig.suptitle("Variant − baseline at strong colour, paired: t-interval over seeds (dotted: 1 seed, evaluation noise); "
+                 "filled: t-test, Holm, Δ ≠ 0", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -105,7 +111,8 @@ def lambda_figure(diff: pd.DataFrame, path: Path, method: str = "simclr", streng
         ax.set_title(TASKS[task], fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Δ AugSelf − baseline (points)")
-    fig.suptitle(f"{method}, {strength} colour: the paired Δ against λ (95 % interval; filled: excludes 0)",
+    fig.suptitle(f"{method}, {strength} colour: the paired Δ against λ (dotted: 1 seed, evaluation noise, no decision; "
+                 "filled: t-test over seeds, Holm, Δ ≠ 0)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

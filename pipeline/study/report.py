@@ -1,10 +1,13 @@
 """The study's report: ``reports/study/`` from the ledger (:mod:`pipeline.study.ledger`).
 
 * ``differences.csv``: every variant − baseline Δ of the same method, strength and seed, paired on
-  the same test images and episodes (:func:`pipeline.report.paired.paired_differences`: per-seed
-  paired bootstrap, and across seeds a t-interval and a hierarchical bootstrap), one row per
-  strength × method × variant × λ × metric;
+  the same test images and episodes (:func:`pipeline.report.paired.paired_differences`: across
+  seeds the t-interval and the decision, the t-test over seeds with Holm across methods, and a
+  descriptive hierarchical bootstrap; one seed: the paired bootstrap over items and no decision),
+  one row per strength × method × variant × λ × metric;
 * the figures of :mod:`pipeline.study.figures` (forest per task, Δ against λ, against strength);
+* ``cost.csv``: per variant, pretraining images/s and seconds and each evaluation step's seconds as
+  the models' own runs logged them (the README's cost table);
 * ``README.md``: what was run (models done out of planned), what the numbers show (written from them
   whichever way they fall), the main comparison, the probe, accuracies, cost, every difference.
 """
@@ -15,13 +18,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.study.figures import PRIMARY, STRENGTHS, TASKS, forest_by_task, headline, lambda_figure, strength_figure
+from pipeline.report.paired import DESCRIPTIVE, decided, decision_text
+from pipeline.study.figures import (METHOD_ORDER, PRIMARY, STRENGTHS, TASKS, forest_by_task, headline, lambda_figure,
+                                   strength_figure)
 from pipeline.study.ledger import LEDGER, read_ledger
 from pipeline.study.plan import Study
 
 
 def _fmt_interval(r) -> str:
-    return f"{r['delta']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+    """Δ [95 % interval]; a one-seed interval (evaluation noise, no decision) is marked ``1 seed``."""
+    return f"{r['delta']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]" + (" (1 seed)" if int(r["n_seeds"]) < 2 else "")
 
 
 def differences(runs: pd.DataFrame, items: dict, notes: list[str]) -> pd.DataFrame:
@@ -93,32 +99,77 @@ def _bench_cost(paths: dict[str, Path] = BENCH) -> list[str]:
                         f"{bench.get('threads', '')} threads, {bench.get('clock', '')} clock |")
     if not rows:
         return []
-    return ["Step time measured by `bench/bench_pretrain.py` on the study's configuration (baseline and variant "
+    return ["### Step-time overhead of each variant (benchmark)", "",
+            "Step time measured by `bench/bench_pretrain.py` on the study's configuration (baseline and variant "
             "in one process, interleaved rounds, median with the interquartile range over rounds; "
             f"{', '.join(f'`{p}`' for p in paths.values())}):", "",
             "| method | variant | baseline images/s | variant images/s | step-time overhead [IQR] | machine |",
             "|---|---|---:|---:|---|---|", *rows, ""]
 
 
+WALL = "pretrain/wall_time_s"
+MONITOR = "pretrain/monitor_s"
+# The evaluation steps, in the order a model runs them; ``time/<step>_s`` (pipeline.workflow.STEP_SECONDS).
+EVAL_STEPS = ("features", "linear", "fewshot", "probe")
+
+
+def _cell(v: pd.Series, digits: int = 0) -> str:
+    """mean [min–max] of the models that recorded it, or "not recorded"."""
+    v = v.dropna()
+    if v.empty:
+        return "not recorded"
+    return f"{v.mean():.{digits}f}" + (f" [{v.min():.{digits}f}–{v.max():.{digits}f}]" if len(v) > 1 else "")
+
+
+def cost_per_variant(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per strength × method × variant × λ: models, pretraining images/s and seconds, and each evaluation
+    step's seconds, as recorded by each model's own run (mean, min, max, and how many models recorded it)."""
+    cols = [SPEED, WALL, MONITOR] + [f"time/{s}_s" for s in EVAL_STEPS]
+    rows = []
+    for (strength, method, variant, lam), g in runs.groupby(["strength", "method", "variant", "lambda"], sort=False):
+        row = {"strength": strength, "method": method, "variant": variant, "lambda": float(lam), "models": len(g)}
+        for c in cols:
+            v = g[c].dropna() if c in g else pd.Series(dtype=float)
+            row.update({f"{c}/mean": v.mean() if len(v) else float("nan"), f"{c}/min": v.min() if len(v) else float("nan"),
+                        f"{c}/max": v.max() if len(v) else float("nan"), f"{c}/n": len(v)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _cost_table(runs: pd.DataFrame) -> list[str]:
-    """Pretraining throughput per method × variant as trained (strong colour), and the benchmark's cost."""
+    """The cost of one model of each variant, from the ledger: pretraining images/s and seconds, and each
+    evaluation step's seconds (recorded from the commit that added ``time/<step>_s``; the first study's
+    models predate it), then the benchmark's step-time overhead of each variant."""
     if SPEED not in runs:
         return []
-    sub = runs[runs["strength"] == "strong"].dropna(subset=[SPEED])
-    lines = ["## Cost: pretraining images/s", "", *_bench_cost(),
-             "As trained (one number per model, logged by the run itself): these are **not** a measure of a "
-             "variant's cost. The default slice ran alone on 2 threads (on session 4's CPU), the rest in "
-             "`make study`'s two DVC queue workers of one thread each beside whatever else the 2-core machine "
-             "ran at the time (the other worker, tests), so a ratio to the baseline mixes the variant's cost "
-             "with the load; the benchmark above times both in one process.", "",
-             "| method | variant | models | images/s (mean) | vs baseline |", "|---|---|---:|---:|---:|"]
-    for method, m in sub.groupby("method", sort=False):
-        base = m.loc[m["variant"] == "baseline", SPEED].mean()
-        for variant, g in m.groupby("variant"):
-            ratio = g[SPEED].mean() / base if base == base and base > 0 else float("nan")
-            lines.append(f"| {method} | {variant} | {len(g)} | {g[SPEED].mean():.0f} | "
-                         f"{'' if ratio != ratio else f'{ratio:.2f}×'} |")
-    return lines + [""]
+    have_eval = [s for s in EVAL_STEPS if f"time/{s}_s" in runs and runs[f"time/{s}_s"].notna().any()]
+    lines = ["## Cost per model, from the ledger", "",
+             "One row per variant: mean [min–max] over its models of what each model's own run logged. "
+             "Pretraining seconds include the kNN monitor (its seconds are the next column). Evaluation "
+             "steps (`features`, `linear`, `fewshot`, `probe`) log their wall seconds as `time/<step>_s` "
+             "into the model's run, which the ledger copies; "
+             + ("models exported before that was recorded show “not recorded”." if have_eval else
+                "**no model in this ledger recorded them** (the first study's 34 models predate the "
+                "`time/<step>_s` metrics; they are not in the ledger and cannot be recovered from it), so a "
+                "budget computed from this table holds pretraining only; the next study's models record them.")
+             + " These were measured under `make study`'s load (two DVC queue workers of one thread each beside "
+             "whatever else the 2-core machine ran; the default slice alone at 2 threads), so a ratio to the "
+             "baseline mixes a variant's cost with the load: the benchmark below times both in one process.", "",
+             "| strength | method | variant | λ | models | images/s | pretraining s | monitor s | "
+             + " | ".join(f"{s} s" for s in EVAL_STEPS) + " |",
+             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(EVAL_STEPS)]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    keys = runs.assign(_s=runs["strength"].map(lambda s: -STRENGTHS.index(s) if s in STRENGTHS else 9),
+                       _m=runs["method"].map(lambda m: order.get(m, 99)))
+    for (_, _, strength, method, variant, lam), g in keys.groupby(["_s", "_m", "strength", "method", "variant", "lambda"]):
+        lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {len(g)} | {_cell(g[SPEED])} | {_cell(g[WALL])} | "
+                     f"{_cell(g[MONITOR]) if MONITOR in g else 'not recorded'} | "
+                     + " | ".join(_cell(g[f"time/{s}_s"]) if f"time/{s}_s" in g else "not recorded" for s in EVAL_STEPS)
+                     + " |")
+    total = runs[WALL].dropna() if WALL in runs else pd.Series(dtype=float)
+    lines += ["", f"Pretraining over the {len(total)} models that recorded it: {total.sum() / 3600:.2f} worker-hours, "
+              f"{total.mean():.0f} s per model on average (`cost.csv` holds this table's numbers).", ""]
+    return lines + _bench_cost()
 
 
 def _headline_table(diff: pd.DataFrame) -> list[str]:
@@ -128,8 +179,10 @@ def _headline_table(diff: pd.DataFrame) -> list[str]:
         return []
     tasks = [t for t in TASKS if t in set(rows["metric"])]
     lines = ["## The main comparison: variant − baseline at strong colour (λ = 1)", "",
-             "Δ in points, paired on the same test images / episodes, 95 % interval; **bold**: the interval "
-             "excludes 0. Seeds: the seeds that pair up (a 1-seed interval is evaluation noise only).", "",
+             "Δ in points, paired on the same test images / episodes. With ≥ 2 seeds: the t-interval over seeds, "
+             "**bold** where the design's test (t over seeds, Holm across the methods) says Δ ≠ 0. With one seed: "
+             "the paired bootstrap over the items of that seed, evaluation noise only, and no decision (one "
+             "pretraining run cannot tell a method effect from a seed).", "",
              "| method | variant | seeds | " + " | ".join(TASKS[t] for t in tasks) + " |",
              "|---|---|---|" + "---|" * len(tasks)]
     for (method, variant), g in rows.groupby(["method", "variant"], sort=False):
@@ -140,41 +193,40 @@ def _headline_table(diff: pd.DataFrame) -> list[str]:
                 cells.append("")
                 continue
             text = _fmt_interval(r.iloc[0])
-            cells.append(f"**{text}**" if r.iloc[0]["distinguishable"] else text)
+            cells.append(f"**{text}**" if decided(r.iloc[0]) else text)
         lines.append(f"| {method} | {variant} | {g['seeds'].iloc[0]} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def _primary_test(diff: pd.DataFrame) -> list[str]:
-    """The design's primary test: AugSelf − baseline on `hue`, one per method, with Holm over them."""
-    from pipeline.stats import holm
-
+    """The design's primary test: AugSelf − baseline on `hue`, one t-test over seeds per method, Holm over
+    the methods (the ``holm_p`` of :func:`pipeline.report.paired.paired_differences`)."""
     rows = headline(diff)
     t = rows[(rows["variant"] == "augself") & (rows["metric"] == PRIMARY)] if not rows.empty else rows
     if t.empty:
         return []
-    ps = [None if pd.isna(p) else float(p) for p in t["t_p"]]
-    adjusted = holm(ps)
     lines = ["## The primary test (docs/study.md): AugSelf λ = 1 − baseline on `hue`, one test per method", "",
-             "Hierarchical bootstrap interval (seeds, then test images; the call “≠ 0”), the t-interval over "
-             "seeds, the t-test's p and Holm's adjustment over the methods tested. With one seed there is no "
-             "test across seeds (the interval is then evaluation noise only). With 2–3 seeds the bootstrap "
-             "can draw only those seeds, so it understates the seed-to-seed spread; the t-interval and "
-             "Holm's p are the conservative reading, and where they disagree with “≠ 0” the claim is "
-             "not settled.", "",
-             "| method | seeds | Δ | 95 % interval | t over seeds | p | Holm p | ≠ 0 |", "|---|---|---:|---|---|---:|---:|---|"]
-    for (_, r), p, h in zip(t.iterrows(), ps, adjusted):
-        tint = "" if pd.isna(r["t_low"]) else f"[{r['t_low']:+.2f}, {r['t_high']:+.2f}]"
-        lines.append(f"| {r['method']} | {r['seeds']} | {r['delta']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] | "
-                     f"{tint} | {'' if p is None else f'{p:.3f}'} | {'' if h is None else f'{h:.3f}'} | "
-                     f"{'**yes**' if r['distinguishable'] else 'no'} |")
+             "The decision is the design's test: the two-sided one-sample t-test of the per-seed paired Δ over "
+             "seeds, Holm-corrected across the methods tested (“higher” / “lower”: Holm p < 0.05). The "
+             f"{DESCRIPTIVE} is shown beside it and decides nothing: with 2–3 seeds it can redraw only "
+             "those seeds and is much narrower than the t-interval. A method with one seed has no test.", "",
+             f"| method | seeds | Δ | t-interval over seeds | p | Holm p | decision | {DESCRIPTIVE} |",
+             "|---|---|---:|---|---:|---:|---|---|"]
+    for _, r in t.iterrows():
+        one = int(r["n_seeds"]) < 2
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['delta']:+.2f} | "
+                     + ("– (1 seed) | – | – | " if one else
+                        f"[{r['low']:+.2f}, {r['high']:+.2f}] | {r['t_p']:.3f} | {r['holm_p']:.3f} | ")
+                     + (f"**{decision_text(r)}**" if decided(r) else decision_text(r)) + " | "
+                     + ("–" if one else f"[{r['boot_low']:+.2f}, {r['boot_high']:+.2f}]") + " |")
     return lines + [""]
 
 
 def _direction(r) -> str:
-    if not r["distinguishable"]:
-        return "not distinguishable from 0"
-    return "higher than the baseline" if r["delta"] > 0 else "lower than the baseline"
+    d = decision_text(r)
+    if int(r["n_seeds"]) < 2:
+        return "no decision (1 seed)"
+    return {"higher": "higher than the baseline", "lower": "lower than the baseline"}.get(d, "not distinguishable from 0")
 
 
 def _findings(diff: pd.DataFrame) -> list[str]:
@@ -182,17 +234,22 @@ def _findings(diff: pd.DataFrame) -> list[str]:
     rows = headline(diff)
     if rows.empty:
         return []
-    lines = ["## What the numbers show", ""]
+    lines = ["## What the numbers show", "",
+             "Decisions are the t-test over seeds with Holm across methods (docs/study.md); a method with one "
+             "seed is reported with its evaluation-noise interval and no decision.", ""]
     aug = rows[rows["variant"] == "augself"]
     for task in TASKS:
         t = aug[aug["metric"] == task]
         if t.empty:
             continue
-        up = int(((t["delta"] > 0) & t["distinguishable"]).sum())
-        down = int(((t["delta"] < 0) & t["distinguishable"]).sum())
-        per = "; ".join(f"{r['method']} {_fmt_interval(r)} (seeds {r['seeds']})" for _, r in t.iterrows())
+        said = [decision_text(r) for _, r in t.iterrows()]
+        up, down, none = said.count("higher"), said.count("lower"), said.count(decision_text({"n_seeds": 1}))
+        per = "; ".join(f"{r['method']} {_fmt_interval(r)} (seeds {r['seeds']}"
+                        + ("" if int(r["n_seeds"]) < 2 else f", Holm p {r['holm_p']:.3f}") + ")"
+                        for _, r in t.iterrows())
         lines.append(f"* **{TASKS[task]}**, AugSelf λ = 1 − baseline, of {len(t)} method(s): higher in {up}, "
-                     f"lower in {down}, not distinguishable in {len(t) - up - down}: {per}.")
+                     f"lower in {down}, not distinguishable in {len(t) - up - down - none}"
+                     + (f", no decision (1 seed) in {none}" if none else "") + f": {per}.")
     cas = rows[rows["variant"] == "cassle"]
     if not cas.empty:
         lines.append("* **CASSLE** − baseline (SimCLR): " + "; ".join(
@@ -229,12 +286,15 @@ def _probe_table(runs: pd.DataFrame) -> list[str]:
 
 def _full_table(diff: pd.DataFrame) -> list[str]:
     lines = ["<details><summary>Every paired difference (strength × method × variant × λ × task)</summary>", "",
-             "| strength | method | variant | λ | metric | seeds | Δ [95 %] | interval | ≠ 0 |",
-             "|---|---|---|---:|---|---:|---|---|---|"]
+             f"| strength | method | variant | λ | metric | seeds | Δ [95 %] | interval | Holm p | decision | {DESCRIPTIVE} |",
+             "|---|---|---|---:|---|---:|---|---|---:|---|---|"]
     for _, r in diff.iterrows():
+        one = int(r["n_seeds"]) < 2
         lines.append(f"| {r['strength']} | {r['method']} | {r['variant']} | {r['lambda']:g} | {r['label']} | "
                      f"{r['seeds']} | {_fmt_interval(r)} | {r['interval']} | "
-                     f"{'**yes**' if r['distinguishable'] else 'no'} |")
+                     f"{'–' if one else format(r['holm_p'], '.3f')} | "
+                     f"{'**' + decision_text(r) + '**' if decided(r) else decision_text(r)} | "
+                     f"{'–' if one else '[{:+.2f}, {:+.2f}]'.format(r['boot_low'], r['boot_high'])} |")
     return lines + ["", "</details>", ""]
 
 
@@ -286,4 +346,6 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
     runs.drop(columns=[c for c in runs.columns if c.startswith("monitor/")], errors="ignore").to_csv(
         out_dir / "runs.csv", index=False, float_format="%.4f")
+    if SPEED in runs:
+        cost_per_variant(runs).to_csv(out_dir / "cost.csv", index=False, float_format="%.2f")
     return out_dir / "README.md"
