@@ -191,15 +191,20 @@ class AugmentParams:
                               f"the official order is {list(AUGMENT_OPS)}; switch an op off with its "
                               f"probability (e.g. augment.rotation_p: 0)")
 
+    def scaled_color(self, s: float) -> dict[str, float]:
+        """brightness, contrast, saturation, hue and grayscale_p times ``s``, capped (see the class): the one
+        place a colour strength scales them (this section's ``color_strength``; the study's premise curves)."""
+        caps = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5, "grayscale_p": 1.0}
+        return {k: min(getattr(self, k) * s, cap) for k, cap in caps.items()}
+
     def jitter_strengths(self) -> tuple[float, float, float, float]:
         """(brightness, contrast, saturation, hue) scaled by ``color_strength`` and capped (see the class)."""
-        s = COLOR_STRENGTHS[self.color_strength]
-        return (min(self.brightness * s, 1.0), min(self.contrast * s, 1.0), min(self.saturation * s, 1.0),
-                min(self.hue * s, 0.5))
+        c = self.scaled_color(COLOR_STRENGTHS[self.color_strength])
+        return c["brightness"], c["contrast"], c["saturation"], c["hue"]
 
     def effective_grayscale_p(self) -> float:
         """``grayscale_p`` scaled by ``color_strength``, capped at 1 (official: ``p=0.2*s``)."""
-        return min(self.grayscale_p * COLOR_STRENGTHS[self.color_strength], 1.0)
+        return self.scaled_color(COLOR_STRENGTHS[self.color_strength])["grayscale_p"]
 
     def probability(self, aug: str) -> float:
         """The probability that switches the view op behind AugSelf target ``aug`` (crop: 1, always on)."""

@@ -29,20 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import to_dict
-from pipeline.params import Params, load_params
+from pipeline.params import COLOR_STRENGTHS, Params, load_params
 
-STRENGTH_SCALE = {"none": 0.0, "weak": 0.5, "default": 1.0, "strong": 2.0}
+# The official --color-aug scales (pipeline.params.COLOR_STRENGTHS) and "none", the control without colour.
+STRENGTH_SCALE = {"none": 0.0, **COLOR_STRENGTHS}
 
 
 def strength_overrides(params: Params, strength: str) -> dict:
-    """augment.* overrides of one colour strength, relative to the params' own (default) strengths."""
-    a = params.augment
+    """augment.* overrides of one colour strength, relative to the params' own (default) strengths,
+    scaled and capped as ``augment.color_strength`` is (:meth:`AugmentParams.scaled_color`)."""
     s = STRENGTH_SCALE[strength]
     if s == 0.0:
         return {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
-    return {"augment.brightness": a.brightness * s, "augment.contrast": a.contrast * s,
-            "augment.saturation": a.saturation * s, "augment.hue": min(0.5, a.hue * s),
-            "augment.grayscale_p": min(1.0, a.grayscale_p * s)}
+    return {f"augment.{k}": v for k, v in params.augment.scaled_color(s).items()}
 
 
 @dataclass
