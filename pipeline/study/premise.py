@@ -152,6 +152,7 @@ def measure(params: Params, backbone, tasks: list[str]) -> dict:
 
 
 def run(cfg: PremiseConfig) -> Path:
+    from pipeline.checkpoint import write_text
     from pipeline.data import pretrain_images
 
     work = Path(cfg.work_dir)
@@ -171,9 +172,7 @@ def run(cfg: PremiseConfig) -> Path:
             row = {"method": cfg.method, "strength": strength, "seed": cfg.seed, "epoch": epoch,
                    "epochs": cfg.epochs, "augment": to_dict(params.augment), "scores": scores,
                    "train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
-            tmp = result_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(row, indent=1, sort_keys=True))
-            tmp.replace(result_path)
+            write_text(result_path, json.dumps(row, indent=1, sort_keys=True))
             print(f"[premise] {cfg.method} {strength} epoch {epoch}: "
                   + ", ".join(f"{t} {s['top1']:.2f}%" for t, s in scores.items())
                   + f" (train {t1 - t0:.0f} s, eval {time.perf_counter() - t1:.0f} s)", flush=True)
