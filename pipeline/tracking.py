@@ -49,6 +49,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from pipeline.config import flatten, to_dict
+from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
 
 # Fail fast against a tracking server that is down (MLflow's defaults retry for minutes).
@@ -534,9 +535,6 @@ def collect_results(params: Params, models_dir: Path = Path("models"), metrics_d
                   f"metrics files instead.", file=sys.stderr)
     runs, curves = _runs_from_files(params, models_dir, metrics_dir)
     return runs, curves, "metrics files (models/, metrics/)"
-
-
-ITEM_FILES = {"linear": "linear_predictions.npz", "fewshot": "fewshot_episodes.npz"}
 
 
 def _item_scores(family: str, arrays) -> dict[str, "np.ndarray"]:

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.checkpoint import write_npz
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
+from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
 from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, display_uri,
                                read_run_id, tracking_uri)
@@ -144,8 +145,8 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-LINEAR_ITEMS = "linear_predictions.npz"      # per test image: predicted and true class, per dataset/task
-FEWSHOT_ITEMS = "fewshot_episodes.npz"       # per episode: accuracy, per dataset/task/setting
+LINEAR_ITEMS = ITEM_FILES["linear"]          # per test image: predicted and true class, per dataset/task
+FEWSHOT_ITEMS = ITEM_FILES["fewshot"]        # per episode: accuracy, per dataset/task/setting
 
 
 def _write_items(path: Path, arrays: dict[str, np.ndarray]) -> Path:
