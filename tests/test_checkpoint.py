@@ -118,6 +118,10 @@ def test_write_npz_round_trips_and_a_failure_keeps_the_previous_file(tmp_path, c
     with np.load(path, allow_pickle=False) as z:
         assert set(z.files) == set(arrays) and all(np.array_equal(z[k], v) for k, v in arrays.items())
     before = path.read_bytes()
+    reference = tmp_path / "reference.npz"        # the same bytes as numpy's own writer (the files DVC tracks)
+    (np.savez_compressed if compressed else np.savez)(reference, **arrays)
+    assert reference.read_bytes() == before
+    reference.unlink()
     class Boom:
         def __array__(self, *args, **kwargs):
             raise ValueError("boom")
