@@ -117,7 +117,7 @@ import torch.nn.functional as F
 
 from pipeline.params import AUGMENT_OPS, AugmentParams
 
-__all__ = ["BatchAugment", "view_generator", "blur_kernel_size", "COLOR_OPS", "GRAY_WEIGHTS",
+__all__ = ["BatchAugment", "view_generator", "blur_kernel_size", "crop_centre", "COLOR_OPS", "GRAY_WEIGHTS",
            "CORE_COLUMNS", "OPTIONAL_COLUMNS"]
 
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
@@ -151,6 +151,16 @@ def view_generator(seed: int, epoch: int, step: int, device: torch.device | str 
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return g
+
+
+def crop_centre(box: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """(B, 2) centres (y, x) in [0, 1] of ω's crop boxes ``(top, left, h, w)``, x mirrored to 1 − x where
+    ``mirror`` is set: the box in the frame a flipped view is seen in.  The one place this is computed
+    (the AugSelf crop target and the CASSLE crop block read it)."""
+    cy = box[:, 0] + box[:, 2] / 2
+    cx = box[:, 1] + box[:, 3] / 2
+    cx = torch.where(mirror.bool(), 1 - cx, cx)
+    return torch.stack([cy, cx], dim=1)
 
 
 def blur_kernel_size(out_size: int) -> int:

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.augment import crop_centre
 from pipeline.config import ConfigError, check_subset
 from pipeline.params import AUGSELF_AUGMENTATIONS, AugSelfParams
 
@@ -72,15 +73,6 @@ def _check_augmentations(augmentations: Sequence[str]) -> list[str]:
     return augmentations
 
 
-def _crop_centres(omega: Mapping[str, torch.Tensor], mirror: torch.Tensor) -> torch.Tensor:
-    """(B, 2) box centres (y, x) in [0, 1]; x mirrored to 1 − x where ``mirror`` is set."""
-    crop = omega["crop"]
-    cy = crop[:, 0] + crop[:, 2] / 2
-    cx = crop[:, 1] + crop[:, 3] / 2
-    cx = torch.where(mirror.bool(), 1 - cx, cx)
-    return torch.stack([cy, cx], dim=1)
-
-
 def augself_targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, torch.Tensor],
                     augmentations: Sequence[str], official_flip_mirror: bool = False) -> dict[str, torch.Tensor]:
     """AugSelf targets for the ordered pair (view 1, view 2), one ``(B, n_out)`` float tensor per augmentation.
@@ -102,8 +94,8 @@ def augself_targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, tor
     targets: dict[str, torch.Tensor] = {}
     if "crop" in augmentations:
         f1, f2 = omega1["flip"], omega2["flip"]
-        c1 = _crop_centres(omega1, f1)
-        c2 = _crop_centres(omega2, f1 if official_flip_mirror else f2)
+        c1 = crop_centre(omega1["crop"], f1)
+        c2 = crop_centre(omega2["crop"], f1 if official_flip_mirror else f2)
         sizes = omega1["crop"][:, 2:] - omega2["crop"][:, 2:]
         targets["crop"] = torch.cat([c1 - c2, sizes], dim=1)
     if "flip" in augmentations:

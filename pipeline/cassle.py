@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pipeline.augment import crop_centre
 from pipeline.config import ConfigError, check_choice, check_subset
 from pipeline.models import mlp
 from pipeline.params import CASSLE_BLOCKS, CASSLE_INJECTIONS, CassleParams
@@ -105,11 +106,7 @@ def _block(omega: Mapping[str, torch.Tensor], block: str) -> torch.Tensor:
     """One block as a ``(B, BLOCK_SIZES[block])`` float tensor."""
     if block == "crop":
         box = _get(omega, "crop", block)                       # (top, left, h, w) of the source
-        flipped = _get(omega, "flip", block).bool()
-        cy = box[:, 0] + box[:, 2] / 2
-        cx = box[:, 1] + box[:, 3] / 2
-        cx = torch.where(flipped, 1 - cx, cx)
-        value = torch.stack([cy, cx, box[:, 2], box[:, 3]], dim=1)
+        value = torch.cat([crop_centre(box, _get(omega, "flip", block)), box[:, 2:]], dim=1)
     else:
         value = _get(omega, block, block)
     value = value.float()

@@ -1,4 +1,4 @@
-"""Atomic output files: checkpoints (``torch.save``), JSON metrics and CSV plots.
+"""Atomic output files: checkpoints (``torch.save``), JSON metrics, CSV plots, ``.npz`` arrays and text.
 
 Every file the pipeline writes for DVC or for resuming goes through here, so there is one way to
 write a file atomically.  A file is written to a temporary file in the destination's own directory and moved over the
@@ -56,6 +56,20 @@ def write_csv(path: str | Path, rows: list[dict], header: list[str] | None = Non
     writer.writeheader()
     writer.writerows(rows)
     return _write_atomic(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_npz(path: str | Path, arrays: dict, compressed: bool = False) -> Path:
+    """``arrays`` as an ``.npz`` (``np.savez``, or ``np.savez_compressed``), atomically: features, the
+    per-item results of the evaluation stages, the study ledger."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+    return _write_atomic(path, lambda f: save(f, **arrays))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` (UTF-8) as it is, atomically: JSON records whose layout is not :func:`write_json`'s."""
+    return _write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _write_atomic(path: str | Path, write: Callable[[Any], Any]) -> Path:

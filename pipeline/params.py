@@ -30,6 +30,11 @@ VARIANTS = ("baseline", "augself", "cassle")
 # CASSLE ω blocks (pipeline.cassle), in the alphabetical order they are concatenated in.
 CASSLE_BLOCKS = ("blur", "color", "color_diff", "crop", "flip", "grayscale")
 CASSLE_INJECTIONS = ("proj-cat", "proj-add", "proj-mul")
+# ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed): left
+# out of the training hash (pipeline.train), so editing them never voids a run in progress, and out of
+# the configuration group (Params.group_config).  The pretrain stages still declare them (they shape
+# the log rows, the monitor and the checkpoints); tests/test_keys.py holds dvc.yaml to that.
+SSL_BOOKKEEPING_KEYS = ("checkpoint_every", "log_every", "threads", "monitor_every")
 
 
 @dataclass
@@ -186,15 +191,20 @@ class AugmentParams:
                               f"the official order is {list(AUGMENT_OPS)}; switch an op off with its "
                               f"probability (e.g. augment.rotation_p: 0)")
 
+    def scaled_color(self, s: float) -> dict[str, float]:
+        """brightness, contrast, saturation, hue and grayscale_p times ``s``, capped (see the class): the one
+        place a colour strength scales them (this section's ``color_strength``; the study's premise curves)."""
+        caps = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.5, "grayscale_p": 1.0}
+        return {k: min(getattr(self, k) * s, cap) for k, cap in caps.items()}
+
     def jitter_strengths(self) -> tuple[float, float, float, float]:
         """(brightness, contrast, saturation, hue) scaled by ``color_strength`` and capped (see the class)."""
-        s = COLOR_STRENGTHS[self.color_strength]
-        return (min(self.brightness * s, 1.0), min(self.contrast * s, 1.0), min(self.saturation * s, 1.0),
-                min(self.hue * s, 0.5))
+        c = self.scaled_color(COLOR_STRENGTHS[self.color_strength])
+        return c["brightness"], c["contrast"], c["saturation"], c["hue"]
 
     def effective_grayscale_p(self) -> float:
         """``grayscale_p`` scaled by ``color_strength``, capped at 1 (official: ``p=0.2*s``)."""
-        return min(self.grayscale_p * COLOR_STRENGTHS[self.color_strength], 1.0)
+        return self.scaled_color(COLOR_STRENGTHS[self.color_strength])["grayscale_p"]
 
     def probability(self, aug: str) -> float:
         """The probability that switches the view op behind AugSelf target ``aug`` (crop: 1, always on)."""
@@ -349,27 +359,31 @@ class Params:
         check_choice("variant", variant, VARIANTS)
         return self.augself.lambda_ if variant == "augself" else 0.0
 
-    def group_hash(self) -> str:
-        """Hash of everything that defines a comparable result except seed and λ.
+    def group_config(self) -> dict:
+        """Everything that defines a comparable result except seed and λ: the one definition of a
+        configuration group (:meth:`group_hash` hashes it, ``tracking.group_params`` logs it flat).
 
         Runs that share it are aggregated together in the report (seeds → mean ± std, λ → curves).
         ``variants`` and the sections of the variants other than AugSelf (``baseline``, ``cassle``) are
         left out too: a ``cassle.*`` experiment re-runs only the CASSLE models (dvc.yaml), so the
         baseline and AugSelf runs must stay in the group the report reads; the report keeps the latest
         run per (method, variant, λ, seed), i.e. the CASSLE run of the new setting.  The bookkeeping
-        keys of ``ssl`` that change neither data nor arithmetic (``threads``, ``checkpoint_every``,
-        ``log_every``, ``monitor_every``) are left out as well, so a study queued with one thread per
-        worker (stages/study.py) compares with the default run.
+        keys of ``ssl`` (:data:`SSL_BOOKKEEPING_KEYS`) are left out as well, so a study queued with one
+        thread per worker (stages/study.py) compares with the default run.  ``tracking`` is left out.
         """
         d = to_dict(self)
         d.pop("seed")
         d["augself"].pop("lambda")
         d["ssl"].pop("methods")
-        for key in ("threads", "checkpoint_every", "log_every", "monitor_every"):
+        for key in SSL_BOOKKEEPING_KEYS:
             d["ssl"].pop(key)
         for key in ("variants", "baseline", "cassle", "tracking"):
             d.pop(key)
-        return stable_hash(d)
+        return d
+
+    def group_hash(self) -> str:
+        """Hash of :meth:`group_config` (stored in run.json, MLflow's ``group`` tag and the study ledger)."""
+        return stable_hash(self.group_config())
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -6,8 +6,8 @@
   in the same store.
 * One MLflow run per pretrained model (method, variant, λ, seed).  Pretraining creates it and writes its
   id to ``models/<method>-<variant>/mlflow_run_id``; evaluation stages log into that same run.
-* Runs of one configuration share the tag ``group`` (hash of all params except seed, λ and the method
-  list), so the MLflow UI's compare view and the report line them up by method and λ.
+* Runs of one configuration share the tag ``group`` (:meth:`Params.group_hash`: all params but seed, λ,
+  the method list and the keys named there), so the MLflow UI's compare view and the report line them up by method and λ.
 * The experiment carries ``mlflow.experimentKind = custom_model_development`` (set on creation and on
   an existing experiment that lacks it): without it MLflow 3's UI opens on the GenAI overview (traces,
   tokens) instead of the runs table.
@@ -49,6 +49,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from pipeline.config import flatten, to_dict
+from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
 
 # Fail fast against a tracking server that is down (MLflow's defaults retry for minutes).
@@ -125,13 +126,8 @@ def system_metrics_available() -> bool:
 
 
 def group_params(params: Params) -> dict[str, str]:
-    """The flattened params that define a configuration group (all but seed, λ, methods, tracking)."""
-    d = to_dict(params)
-    d.pop("seed")
-    d["augself"].pop("lambda")
-    d["ssl"].pop("methods")
-    d.pop("tracking")
-    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(d).items()}
+    """The flattened params that define a configuration group (:meth:`Params.group_config`, what the hash covers)."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(params.group_config()).items()}
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -262,8 +258,8 @@ class Tracker:
 
         run = self.client.create_run(experiment_id, run_name=f"group {group}", tags={
             GROUP_RUN_TAG: group,
-            "mlflow.note.content": f"Configuration group {group}: the runs nested here share every param but "
-                                   f"seed, augself.lambda and ssl.methods (those are on each run)."})
+            "mlflow.note.content": f"Configuration group {group}: the runs nested here share the params logged "
+                                   f"here (Params.group_config); the others are on each run."})
         batch = [Param(k, v) for k, v in group_params(self.params).items()]
         for i in range(0, len(batch), 100):
             self.client.log_batch(run.info.run_id, params=batch[i:i + 100])
@@ -539,9 +535,6 @@ def collect_results(params: Params, models_dir: Path = Path("models"), metrics_d
                   f"metrics files instead.", file=sys.stderr)
     runs, curves = _runs_from_files(params, models_dir, metrics_dir)
     return runs, curves, "metrics files (models/, metrics/)"
-
-
-ITEM_FILES = {"linear": "linear_predictions.npz", "fewshot": "fewshot_episodes.npz"}
 
 
 def _item_scores(family: str, arrays) -> dict[str, "np.ndarray"]:

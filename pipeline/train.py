@@ -105,7 +105,7 @@ from pipeline.config import ConfigError, check_choice, stable_hash, to_dict
 from pipeline.methods import build_method
 from pipeline.models import build_backbone
 from pipeline.monitor import KnnMonitor, MonitorData
-from pipeline.params import METHODS, Params
+from pipeline.params import METHODS, SSL_BOOKKEEPING_KEYS, Params
 
 __all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "checkpoint_resumable", "PretrainModel",
            "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",
@@ -116,9 +116,9 @@ TIMING_CSV, MONITOR = "timing.csv", "monitor.csv"
 TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s", "pretrain/monitor_s")
 NAN_ENV = "AUGSELF_INJECT_NAN"   # test hook, see pretrain(inject_nan=...)
 _CKPT_VERSION = 1
-# ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed):
-# editing them must not void a run in progress.
-_NOT_TRAINING_KEYS = ("methods", "checkpoint_every", "log_every", "threads", "monitor_every") + METHODS
+# ssl.* keys left out of the training hash: the method list, the bookkeeping keys (editing them must not
+# void a run in progress) and the method sections (the run's own is hashed as method_params).
+_NOT_TRAINING_KEYS = ("methods", *SSL_BOOKKEEPING_KEYS) + METHODS
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,8 +150,8 @@ def training_hash(params: Params, method: str, variant: str) -> str:
     """Hash of everything that determines the trained weights of (method, variant).
 
     Covers the seed, the pretraining dataset (its name, its entry under ``data.datasets`` and
-    ``data.seed``, which fix the images), ``ssl`` without the bookkeeping keys (``methods``,
-    ``checkpoint_every``, ``log_every``, ``threads``) and without the other methods' sections,
+    ``data.seed``, which fix the images), ``ssl`` without ``methods`` and the bookkeeping keys
+    (:data:`pipeline.params.SSL_BOOKKEEPING_KEYS`) and without the other methods' sections,
     ``augment``, this method's parameters, λ, and ``augself`` when λ > 0 (a baseline does not
     depend on it), ``cassle`` for the CASSLE variant (the only one it shapes), and
     :func:`training_code_fingerprint`: a checkpoint written by other training code
@@ -182,6 +182,9 @@ def training_hash(params: Params, method: str, variant: str) -> str:
 # code deps in dvc.yaml, less the glue that only logs and writes files).
 TRAINING_CODE = ("train.py", "augment.py", "augself.py", "cassle.py", "models.py", "methods", "distributed.py",
                  "checkpoint.py", "data/prepared.py")
+# The rest of the pretrain stages' pipeline/ deps: the glue, which logs and writes files but does not
+# change the weights (tests/test_keys.py: TRAINING_CODE + PRETRAIN_GLUE are the stage's deps).
+PRETRAIN_GLUE = ("monitor.py", "tracking.py", "workflow.py")
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,8 +16,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from pipeline.checkpoint import write_npz
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
+from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
 from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, display_uri,
                                read_run_id, tracking_uri)
@@ -143,17 +145,13 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-LINEAR_ITEMS = "linear_predictions.npz"      # per test image: predicted and true class, per dataset/task
-FEWSHOT_ITEMS = "fewshot_episodes.npz"       # per episode: accuracy, per dataset/task/setting
+LINEAR_ITEMS = ITEM_FILES["linear"]          # per test image: predicted and true class, per dataset/task
+FEWSHOT_ITEMS = ITEM_FILES["fewshot"]        # per episode: accuracy, per dataset/task/setting
 
 
 def _write_items(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """The per-item results the paired statistics need (pipeline.stats), next to the metrics json."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return write_npz(path, arrays, compressed=True)
 
 
 def _log_to_model_run(params: Params, models_dir: Path, model: str, metrics: dict[str, float],
@@ -211,9 +209,7 @@ def run_features(params: Params, model: str, models_dir: Path, features_dir: Pat
                                                     params.eval.batch_size, device, size=meta["image_size"])
             for task in entry.tasks:
                 arrays[f"{split}_{task}"] = data.labels[task]
-        tmp = out_dir / f".{name}.tmp.npz"
-        np.savez(tmp, **arrays)
-        tmp.replace(out_dir / f"{name}.npz")
+        write_npz(out_dir / f"{name}.npz", arrays)
         print(f"{model}: features of {name}: train {arrays['train_x'].shape}, test {arrays['test_x'].shape}")
         _said("features", f"{model}: {len(arrays['train_x']) + len(arrays['test_x'])} images of {name} on {device}", t0)
 

@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from pipeline.augment import COLOR_OPS, BatchAugment, blur_kernel_size, view_generator
-from pipeline.params import AugmentParams
+from pipeline.params import AugmentParams, Params
 
 B, H, W, S = 12, 20, 24, 16           # non-square source, upscaling and downscaling boxes both occur
 
@@ -270,6 +270,20 @@ def test_flip_anywhere_in_the_order_equals_the_flip_folded_into_the_crop(images)
     for k in omega:     # the same decisions; color_diff's mean sums the mirrored pixels in another order
         torch.testing.assert_close(omega[k], folded[1][k], atol=1e-6 if k == "color_diff" else 0, rtol=0)
     torch.testing.assert_close(views, folded[0], atol=1e-6, rtol=0)   # flip commutes with these ops
+
+
+def test_the_premise_strengths_are_the_color_strength_setting():
+    """The study's premise curves scale the default strengths by hand (pipeline/study/premise.py): each
+    of its strengths must be the augmentation ``augment.color_strength`` names, caps included."""
+    from pipeline.study.premise import strength_overrides
+
+    base = Params(augment=AugmentParams(brightness=0.7, hue=0.3, grayscale_p=0.6))   # caps bind at strong
+    for strength in ("weak", "default", "strong"):
+        over = {k.removeprefix("augment."): v for k, v in strength_overrides(base, strength).items()}
+        by_hand = AugmentParams(**{**dataclasses.asdict(base.augment), **over})
+        named = AugmentParams(**{**dataclasses.asdict(base.augment), "color_strength": strength})
+        assert by_hand.jitter_strengths() == named.jitter_strengths(), strength
+        assert by_hand.effective_grayscale_p() == named.effective_grayscale_p(), strength
 
 
 def test_color_strength_scales_jitter_and_grayscale_as_the_official_color_aug():

@@ -108,3 +108,42 @@ def test_prepared_npz_with_an_object_array_is_refused(tmp_path):
         load_split(root, "toy", "train")
     assert str(root / "toy" / "train.npz") in str(err.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_write_npz_round_trips_and_a_failure_keeps_the_previous_file(tmp_path, compressed):
+    path = tmp_path / "sub" / "items.npz"
+    arrays = {"a/pred": np.arange(5, dtype=np.int32), "b": np.linspace(0, 1, 7)}
+    assert ckpt_io.write_npz(path, arrays, compressed=compressed) == path
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) == set(arrays) and all(np.array_equal(z[k], v) for k, v in arrays.items())
+    before = path.read_bytes()
+    reference = tmp_path / "reference.npz"        # the same bytes as numpy's own writer (the files DVC tracks)
+    (np.savez_compressed if compressed else np.savez)(reference, **arrays)
+    assert reference.read_bytes() == before
+    reference.unlink()
+    class Boom:
+        def __array__(self, *args, **kwargs):
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):  # fails after the first member is written: no partial file
+        ckpt_io.write_npz(path, {"ok": np.arange(3), "bad": Boom()}, compressed=compressed)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["items.npz"]
+
+
+def test_write_text_writes_the_text_as_it_is(tmp_path):
+    path = ckpt_io.write_text(tmp_path / "r.json", json.dumps({"b": 1, "a": [2]}, indent=1, sort_keys=True))
+    assert path.read_text() == '{\n "a": [\n  2\n ],\n "b": 1\n}'
+
+
+def test_no_module_hand_rolls_an_atomic_write():
+    """checkpoint.py owns atomic writes (temp file + fsync + rename): nothing else renames a temp file over
+    an output.  The one exception is the prepared dataset, a directory swapped whole (pipeline/data/prepared.py)."""
+    import re
+
+    root = Path(ckpt_io.__file__).parent
+    pattern = re.compile(r"os\.replace\(|\btmp\w*\.replace\(|\.tmp\"?\)?\.replace\(|with_suffix\(\"\.tmp\"\)")
+    found = [f"{f.relative_to(root)}:{i}: {line.strip()}"
+             for f in sorted(root.rglob("*.py")) if f.name != "checkpoint.py" and f.relative_to(root).as_posix() != "data/prepared.py"
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, "write through pipeline.checkpoint (write_json / write_csv / write_npz / write_text) instead:\n" + "\n".join(found)

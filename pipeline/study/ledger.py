@@ -89,6 +89,7 @@ def done(ledger: Path = LEDGER) -> set[str]:
 def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
                     params_path: str | Path = "params.yaml") -> list[str]:
     """Copy every finished model of ``keys`` that the ledger lacks from MLflow into the ledger."""
+    from pipeline.checkpoint import write_npz, write_text
     from pipeline.tracking import _runs_from_mlflow, collect_items
 
     ledger = Path(ledger)
@@ -128,12 +129,9 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
                               "strength": key.strength, "seed": key.seed},
                       "run_id": str(row["run_id"]), "group": group, "commit": str(row.get("commit", "")),
                       "metrics": metrics}
-            ledger.mkdir(parents=True, exist_ok=True)
-            tmp = ledger / f".{key.name}.tmp.npz"
-            np.savez_compressed(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in items.items()})
-            tmp.replace(ledger / f"{key.name}.npz")
-            (ledger / f".{key.name}.tmp").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-            (ledger / f".{key.name}.tmp").replace(ledger / f"{key.name}.json")
+            write_npz(ledger / f"{key.name}.npz", {k: np.asarray(v, dtype=np.float32) for k, v in items.items()},
+                      compressed=True)
+            write_text(ledger / f"{key.name}.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
             written.append(key.name)
     return written
 

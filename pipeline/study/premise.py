@@ -29,20 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import to_dict
-from pipeline.params import Params, load_params
+from pipeline.params import COLOR_STRENGTHS, Params, load_params
 
-STRENGTH_SCALE = {"none": 0.0, "weak": 0.5, "default": 1.0, "strong": 2.0}
+# The official --color-aug scales (pipeline.params.COLOR_STRENGTHS) and "none", the control without colour.
+STRENGTH_SCALE = {"none": 0.0, **COLOR_STRENGTHS}
 
 
 def strength_overrides(params: Params, strength: str) -> dict:
-    """augment.* overrides of one colour strength, relative to the params' own (default) strengths."""
-    a = params.augment
+    """augment.* overrides of one colour strength, relative to the params' own (default) strengths,
+    scaled and capped as ``augment.color_strength`` is (:meth:`AugmentParams.scaled_color`)."""
     s = STRENGTH_SCALE[strength]
     if s == 0.0:
         return {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
-    return {"augment.brightness": a.brightness * s, "augment.contrast": a.contrast * s,
-            "augment.saturation": a.saturation * s, "augment.hue": min(0.5, a.hue * s),
-            "augment.grayscale_p": min(1.0, a.grayscale_p * s)}
+    return {f"augment.{k}": v for k, v in params.augment.scaled_color(s).items()}
 
 
 @dataclass
@@ -153,6 +152,7 @@ def measure(params: Params, backbone, tasks: list[str]) -> dict:
 
 
 def run(cfg: PremiseConfig) -> Path:
+    from pipeline.checkpoint import write_text
     from pipeline.data import pretrain_images
 
     work = Path(cfg.work_dir)
@@ -172,9 +172,7 @@ def run(cfg: PremiseConfig) -> Path:
             row = {"method": cfg.method, "strength": strength, "seed": cfg.seed, "epoch": epoch,
                    "epochs": cfg.epochs, "augment": to_dict(params.augment), "scores": scores,
                    "train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
-            tmp = result_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(row, indent=1, sort_keys=True))
-            tmp.replace(result_path)
+            write_text(result_path, json.dumps(row, indent=1, sort_keys=True))
             print(f"[premise] {cfg.method} {strength} epoch {epoch}: "
                   + ", ".join(f"{t} {s['top1']:.2f}%" for t, s in scores.items())
                   + f" (train {t1 - t0:.0f} s, eval {time.perf_counter() - t1:.0f} s)", flush=True)
