@@ -24,7 +24,8 @@ and torch threads:
 Opt-in rows that try to raise the ceiling (item 3): ``--layouts`` (the ceiling in the other memory
 layout: contiguous where the default is channels-last), ``--compile`` (the ceiling under
 ``ssl.compile``: ``torch.compile`` of the model; the warm-up steps compile it, minutes on 2 cores),
-``--variants-ours`` (ours in those settings too), ``--threads`` / ``--interop-threads`` (process-wide),
+``--variants-ours`` (ours in those settings too), ``--augment-threads N`` (ours with its augmentation
+at N threads, the step at ``--threads``), ``--threads`` / ``--interop-threads`` (process-wide),
 ``--profile`` (``torch.profiler`` table of ceiling steps, top ops by self CPU time).
 
 Writes ``bench/results/lightly-<device>.json`` and prints a table.
@@ -59,10 +60,13 @@ TARGETS = {"ours_vs_lightly_best_min": 2.0, "ours_vs_ceiling_min": 0.9}
 class _Ours:
     """A real training run of the loop (``pipeline.train``), stepped by the bench."""
 
-    def __init__(self, params: Params, images: np.ndarray, dev: torch.device, out_dir: Path, preaugmented: bool):
+    def __init__(self, params: Params, images: np.ndarray, dev: torch.device, out_dir: Path, preaugmented: bool,
+                 augment_threads: int = 0):
         self.run = T._setup(params, "simclr", "baseline", images, out_dir, None, dev, None, None, None)
         T._resume(self.run)
         T._place(self.run, images)
+        if augment_threads > 0:
+            self.run.augment = _ThreadsAround(self.run.augment, augment_threads)
         self.pool = None
         if preaugmented:                       # the ceiling: views made once, outside the clock
             self.pool = []
@@ -88,6 +92,23 @@ class _Ours:
             run.log.push(terms, run.step, 0)
         if run.step % run.params.ssl.log_every == 0:
             T._read_losses(run)
+
+
+class _ThreadsAround:
+    """``fn`` run with ``threads`` torch threads (``--augment-threads``): the views are bit-identical
+    (checked at 1 and 2 threads on the default config), the OpenMP team of the many small
+    augmentation kernels is not."""
+
+    def __init__(self, fn, threads: int):
+        self.fn, self.threads = fn, threads
+
+    def __call__(self, *args):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.fn(*args)
+        finally:
+            torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------- lightly
@@ -241,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also the ceiling under ssl.compile")
     ap.add_argument("--variants-ours", action="store_true",
                     help="--layouts / --compile add ours in that setting too, not only the ceiling")
+    ap.add_argument("--augment-threads", type=int, default=0, metavar="N",
+                    help="also ours with its two BatchAugment calls at N torch threads (the step at --threads)")
     ap.add_argument("--no-lightly", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N ceiling steps (torch.profiler) and print the top ops")
@@ -291,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = _Ours(p, images, dev, tmp / f"ceiling{len(conds)}", preaugmented=True)
         conds["ceiling" + suffix] = (ceiling.step, nothing, nothing, 0)
         ceilings[suffix] = ceiling
+    if args.augment_threads > 0:
+        ours_at = _Ours(params, images, dev, tmp / "ours-augment-threads", preaugmented=False,
+                        augment_threads=args.augment_threads)
+        conds[f"ours (augment {args.augment_threads} thr)"] = (ours_at.step, nothing, nothing, 0)
     workers = [] if args.no_lightly else [int(w) for w in args.workers.split(",") if w.strip()]
     for w in workers:
         lt = _Lightly(params, images, w, n_conditions_steps)
@@ -349,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"backbone": ssl.backbone, "width": ssl.width, "image_size": int(images.shape[1]),
                    "batch_size": batch, "data": data_desc, "images": int(len(images)), "layout": layout,
                    "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "workers": workers,
+                   "augment_threads": args.augment_threads,
                    "lightly_transform": None if not workers else str(lt0.transform.transforms[0].transform)},
         "images_per_s": ips, "step_ms": {k: 1e3 * v for k, v in t.items()},
         "step_ms_per_round": {k: [1e3 * x for x in v] for k, v in per_round.items()},
