@@ -41,3 +41,4 @@ bench:
 	python bench/bench_pretrain.py
 	python bench/bench_linear.py
 	python bench/bench_augment.py $$(python -c 'import kornia' 2>/dev/null || echo --no-kornia)   # kornia: pip install -e '.[bench]'
+	python bench/bench_lightly.py $$(python -c 'import lightly' 2>/dev/null || echo --no-lightly)   # lightly: pip install -e '.[bench]'
