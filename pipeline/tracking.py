@@ -16,9 +16,13 @@
   tree lines the runs of one ``dvc repro`` / study up by method, variant, λ and seed.  The parent does
   not carry the ``group`` tag itself, so the report's ``tags.group`` query reads model runs only.
 * Inputs: the prepared datasets are logged with :meth:`Tracker.log_datasets` (context ``pretraining`` /
-  ``evaluation``), name = dataset, digest = the first 16 hex digits of a sha256 over meta.json's
-  sha256 of the split files that context reads (:func:`context_splits`; MLflow's digest column holds 36
-  characters; the full per-file hashes are in the dataset's profile).
+  ``evaluation``), name = the dataset and the splits that context reads (``cfmnist/train``,
+  ``cfmnist/train+test``), digest = the first 16 hex digits of a sha256 over meta.json's sha256 of those
+  split files (:func:`context_splits`; MLflow's digest column holds 36 characters; the full per-file
+  hashes are in the dataset's profile).
+* Run names ``<method>-<variant> λ=<λ> seed <seed>``; Source and User are MLflow's own context tags
+  (:func:`source_tags`: entry point ``stages.pretrain``, git commit and branch, user), which the client's
+  ``create_run`` leaves out.
 * Output: the final backbone as an MLflow model (:meth:`Tracker.log_backbone`), a LoggedModel whose
   metrics are the evaluation results (the evaluation stages log each metric with its ``model_id`` and,
   where the key names one, its dataset).  It is saved in PyTorch's ``pt2`` format (``torch.export``):
@@ -119,6 +123,12 @@ def context_splits(meta: dict, context: str) -> list[str]:
     return [split for split in ("train", "test") if split in meta["splits"]]
 
 
+def dataset_input_name(name: str, splits: list[str]) -> str:
+    """A dataset input's name in MLflow: the dataset and the splits read, ``cfmnist/train`` (pretraining),
+    ``cfmnist/train+test`` (evaluation: the probes fit on train and report test), ``stl10/train+unlabeled``."""
+    return f"{name}/{'+'.join(splits)}"
+
+
 def system_metrics_available() -> bool:
     """MLflow's CPU/memory sampler needs psutil (GPU sampling additionally pynvml, checked by MLflow)."""
     return importlib.util.find_spec("psutil") is not None
@@ -142,6 +152,46 @@ def git_commit(cwd: Path | None = None) -> str:
         return ""
 
 
+def git_branch(cwd: Path | None = None) -> str:
+    """The checked-out branch ("" when detached, as in a queued DVC experiment's copy, or not a repo)."""
+    try:
+        out = subprocess.run(["git", "symbolic-ref", "--short", "-q", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def entry_point() -> str:
+    """What was run: the module of ``python -m stages.pretrain`` / ``torchrun -m …`` (``stages.pretrain``),
+    else the script as given (``sys.argv[0]``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return sys.argv[0] if sys.argv and sys.argv[0] else "<console>"
+
+
+def source_tags() -> dict[str, str]:
+    """The run's Source and User columns in the MLflow UI: the same context tags MLflow puts on a
+    LoggedModel (``mlflow.tracking.context.registry.resolve_tags``: ``mlflow.user``, ``mlflow.source.type``,
+    git commit / branch / repo URL of the entry script), which ``MlflowClient.create_run`` does not add,
+    with ``mlflow.source.name`` the entry point's module (not the clone's absolute path) and the git
+    commit and branch of the working directory (the clone the stage runs in) where known."""
+    from mlflow.tracking.context import registry
+
+    tags = {k: str(v) for k, v in registry.resolve_tags().items()}
+    tags["mlflow.source.name"] = entry_point()
+    for key, value in (("mlflow.source.git.commit", git_commit()), ("mlflow.source.git.branch", git_branch())):
+        if value:
+            tags[key] = value
+    return tags
+
+
+def run_name(params: Params, method: str, variant: str) -> str:
+    """The run's name in the MLflow UI, e.g. ``simclr-augself λ=1 seed 0``."""
+    return f"{model_name(method, variant)} λ={params.lambda_for(variant):g} seed {params.seed}"
+
+
 def run_tags(params: Params, method: str, variant: str) -> dict[str, str]:
     return {
         "method": method,
@@ -151,7 +201,7 @@ def run_tags(params: Params, method: str, variant: str) -> dict[str, str]:
         "group": params.group_hash(),
         "commit": git_commit(),
         "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
-        "mlflow.runName": f"{method}-{variant}-lam{params.lambda_for(variant):g}-seed{params.seed}",
+        "mlflow.runName": run_name(params, method, variant),
     }
 
 
@@ -261,7 +311,7 @@ class Tracker:
         from mlflow.entities import Param
 
         run = self.client.create_run(experiment_id, run_name=f"group {group}", tags={
-            GROUP_RUN_TAG: group,
+            **source_tags(), GROUP_RUN_TAG: group,
             "mlflow.note.content": f"Configuration group {group}: the runs nested here share every param but "
                                    f"seed, augself.lambda and ssl.methods (those are on each run)."})
         batch = [Param(k, v) for k, v in group_params(self.params).items()]
@@ -281,7 +331,7 @@ class Tracker:
                 run = self.client.get_run(reuse_run_id)
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id
-            tags = run_tags(self.params, method, variant)
+            tags = {**source_tags(), **run_tags(self.params, method, variant)}
             experiment = self.experiment_id()
             tags["mlflow.parentRunId"] = self.group_run_id(experiment, tags["group"])
             run = self.client.create_run(experiment, tags=tags, run_name=tags["mlflow.runName"])
@@ -295,9 +345,10 @@ class Tracker:
         return self._safe("create the model's run", create)
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None,
-                    model_id: str | None = None, datasets: dict[str, str] | None = None) -> None:
+                    model_id: str | None = None, datasets: dict[str, tuple[str, str]] | None = None) -> None:
         """Log ``metrics`` into the run; with ``model_id`` also onto that LoggedModel, each metric whose key
-        is ``<protocol>/<dataset>/...`` linked to ``datasets[<dataset>]`` (its digest) when given."""
+        is ``<protocol>/<dataset>/...`` linked to ``datasets[<dataset>]`` (the (MLflow name, digest) that
+        :meth:`log_datasets` returns) when given."""
         if not run_id or not metrics:
             return
         from mlflow.entities import Metric
@@ -307,16 +358,20 @@ class Tracker:
 
         def metric(k: str, v: float) -> Metric:
             name = k.split("/")[1] if k.count("/") >= 2 else None
-            linked = {"dataset_name": name, "dataset_digest": datasets[name]} if model_id and name in datasets else {}
+            linked = ({"dataset_name": datasets[name][0], "dataset_digest": datasets[name][1]}
+                      if model_id and name in datasets else {})
             return Metric(k, float(v), ts, step or 0, model_id=model_id, **linked)
 
         batch = [metric(k, v) for k, v in metrics.items() if v is not None]
         self._safe("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
 
-    def log_datasets(self, run_id: str | None, prepared_root: Path, names: list[str], context: str) -> dict[str, str]:
+    def log_datasets(self, run_id: str | None, prepared_root: Path, names: list[str],
+                     context: str) -> dict[str, tuple[str, str]]:
         """Log the prepared datasets ``names`` as the run's inputs (``mlflow.data.context`` = ``context``).
 
-        Returns {name: digest} of those logged.  The source is the prepared folder as DVC tracks it; the
+        Each is named after the splits that context reads (:func:`dataset_input_name`: ``cfmnist/train``
+        for pretraining, ``cfmnist/train+test`` for evaluation), so a run's two inputs of one dataset
+        say which is which.  Returns {name: (MLflow name, digest)} of those logged.  The source is the prepared folder as DVC tracks it; the
         profile holds the splits, image size, tasks and meta.json's full per-file sha256.
         """
         if not run_id:
@@ -335,11 +390,11 @@ class Tracker:
                     continue
                 splits = context_splits(meta, context)
                 sha = {f"{split}.npz": meta["sha256"][f"{split}.npz"] for split in splits}
-                digests[name] = dataset_digest(sha)
+                digests[name] = (dataset_input_name(name, splits), dataset_digest(sha))
                 profile = {"splits": {split: meta["splits"][split] for split in splits}, "sha256": sha,
                            "image_size": meta["image_size"],
                            "tasks": {t: v["num_classes"] for t, v in meta["tasks"].items()}}
-                dataset = Dataset(name=name, digest=digests[name], source_type="local",
+                dataset = Dataset(name=digests[name][0], digest=digests[name][1], source_type="local",
                                   source=json.dumps({"uri": str(Path(prepared_root) / name)}),
                                   profile=json.dumps(profile, sort_keys=True))
                 inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))

@@ -81,7 +81,7 @@ def test_experiment_page_lists_the_runs_with_their_dataset_and_model(ui):
     assert "Run Name" in runs and "Dataset" in runs and "Model" in runs
 
     run = open_page(f"{uri}/#/experiments/{exp}/runs/{run_id}", work / "2-run.png")
-    assert "simclr-augself-lam1-seed0" in run and "Parent run" in run and f"group {group}" in run
+    assert "simclr-augself λ=1 seed 0" in run and "Parent run" in run and f"group {group}" in run
     from mlflow.tracking import MlflowClient
 
     digests = {d.dataset.digest for d in MlflowClient(uri).get_run(run_id).inputs.dataset_inputs}
