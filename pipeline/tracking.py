@@ -33,6 +33,9 @@
 * System metrics (CPU, memory, disk, network; GPU through pynvml) are sampled on pretraining runs by
   MLflow's ``SystemMetricsMonitor`` when ``psutil`` is importable, and skipped otherwise (GPU metrics
   only when ``pynvml`` is); ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` sets the period (default 10 s).
+* Artifacts of the local store live in ``<project>/mlartifacts``.  MLflow stores their locations as
+  absolute URIs; a copied or moved project's store is re-pointed at its own ``mlartifacts/`` when a stage
+  or the report opens it, or by ``python -m pipeline.tracking relocate`` (:func:`relocate_artifacts`).
 * MLflow is never allowed to lose work: every call goes through :meth:`Tracker._safe`; on failure the
   stage prints one clear message and carries on, since every metric is also written to files under
   ``metrics/`` and ``models/`` that the report can read without MLflow.
@@ -102,6 +105,50 @@ def display_uri(uri: str) -> str:
     any other URI (a server) unchanged."""
     local = f"sqlite:///{project_root() / 'mlflow.db'}"
     return "sqlite:///mlflow.db" if uri == local else uri
+
+
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def _local_store(uri: str) -> Path | None:
+    """The SQLite file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def relocate_artifacts(experiment: str, root: Path | None = None) -> str | None:
+    """Point a copied or moved project's store at its own ``mlartifacts/``; returns the old root or None.
+
+    MLflow keeps artifact locations absolute (``file:///old/clone/mlartifacts/<run>/artifacts``): a local
+    store never holds a relative one (``create_experiment`` resolves it against the working directory,
+    mlflow/mlflow#7670; a relative location is the open feature request mlflow/mlflow#3144), and no client
+    API changes a run's or a LoggedModel's artifact location.  So when the project's own store
+    (``<root>/mlflow.db``) names another folder's ``mlartifacts`` (the clone it was copied from), the
+    experiment's, its runs' and its LoggedModels' locations under that old root are rewritten to this
+    root in the SQLite file, as long as the artifacts came along (``<root>/mlartifacts`` exists) or the
+    old folder is gone.  Without that, a copy's reads resolve to the old clone (or nothing) and its new
+    runs write their artifacts into the old clone.  Stores elsewhere (a server, ``MLFLOW_TRACKING_URI``
+    naming another file) are left alone: a server keeps its own artifact root.
+    """
+    import sqlite3
+
+    root = Path(root or project_root()).resolve()
+    db = _local_store(tracking_uri())
+    if db is None or db.resolve() != root / "mlflow.db" or not db.exists():
+        return None
+    new = (root / ARTIFACTS_DIR).as_uri()
+    with sqlite3.connect(db, timeout=60) as con:
+        row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        old = row[0] if row else None
+        if not old or old == new or not old.startswith("file://") or not old.endswith("/" + ARTIFACTS_DIR):
+            return None
+        old_root = Path(old[len("file://"):-len(ARTIFACTS_DIR) - 1])
+        if not (root / ARTIFACTS_DIR).exists() and (old_root / ARTIFACTS_DIR).exists():
+            return None                               # the artifacts stayed behind: keep reading them there
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("logged_models", "artifact_location")):
+            con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                        (new, len(old) + 1, len(old), old))
+    return str(old_root)
 
 
 def dataset_digest(sha256: dict[str, str]) -> str:
@@ -279,7 +326,7 @@ class Tracker:
         # to the project root.  Decided by the store's kind, not by whether MLFLOW_TRACKING_URI is set:
         # mlflow.set_tracking_uri exports that variable, so a parent that queried the store (stages.study)
         # hands it to every queued stage.  A server keeps its own artifact root.
-        artifacts = None if is_server_uri(tracking_uri()) else (project_root() / "mlartifacts").as_uri()
+        artifacts = None if is_server_uri(tracking_uri()) else (project_root() / ARTIFACTS_DIR).as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created concurrently by another stage: read it back
@@ -290,6 +337,7 @@ class Tracker:
 
     def experiment_id(self) -> str:
         """The project's experiment, created when missing; tags an existing one with the experiment kind."""
+        relocate_artifacts(self.params.tracking.experiment)      # a copied project: its own mlartifacts/
         exp = self.client.get_experiment_by_name(self.params.tracking.experiment)
         if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
             self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
@@ -581,6 +629,7 @@ def collect_results(params: Params, models_dir: Path = Path("models"), metrics_d
     """
     if source in ("auto", "mlflow") and params.tracking.enabled:
         try:
+            relocate_artifacts(params.tracking.experiment)      # a copied project reads its own artifacts
             runs, curves = _runs_from_mlflow(params)
             if not runs.empty:
                 return runs, curves, f"MLflow ({tracking_uri()})"
@@ -660,3 +709,19 @@ def collect_items(params: Params, runs: pd.DataFrame, models_dir: Path = Path("m
         if scores:
             out[run_id] = scores
     return out
+
+
+if __name__ == "__main__":          # python -m pipeline.tracking relocate [experiment]
+    if len(sys.argv) < 2 or sys.argv[1] != "relocate":
+        sys.exit("usage: python -m pipeline.tracking relocate [experiment]   (default: params.yaml's tracking.experiment)")
+    if len(sys.argv) > 2:
+        name = sys.argv[2]
+    else:
+        from pipeline.params import load_params
+
+        name = load_params().tracking.experiment
+    old = relocate_artifacts(name)
+    print(f"{tracking_uri()}: experiment {name!r}: artifact locations moved from {old}/mlartifacts to "
+          f"{project_root() / ARTIFACTS_DIR}" if old else
+          f"{tracking_uri()}: experiment {name!r}: artifact locations already point at this project (or its "
+          f"artifacts are still in the original folder): nothing changed")

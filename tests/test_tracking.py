@@ -239,3 +239,42 @@ def test_runs_have_a_readable_name_and_the_source_and_user_columns(store, tmp_pa
     parent = tracker.client.get_run(tags["mlflow.parentRunId"]).data.tags
     assert parent["mlflow.source.name"] == "stages.pretrain" and parent["mlflow.user"] == tags["mlflow.user"]
     assert tracking.run_name(params, "simclr", "baseline") == f"simclr-baseline λ=0 seed {params.seed}"
+
+
+def test_a_copied_project_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
+    """MLflow stores artifact locations as absolute URIs (mlflow/mlflow#3144): a project copied (or moved)
+    with its mlflow.db and mlartifacts/ must read its runs' artifacts and LoggedModels from the copy, and
+    write new ones there, not into the clone it came from."""
+    from mlflow.tracking import MlflowClient
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(old))
+    tracker = Tracker(Params())
+    run_id = tracker.start_model_run("simclr", "baseline")
+    (tmp_path / "losses.csv").write_text("step,loss\n0,1.5\n")
+    tracker.log_artifact(run_id, tmp_path / "losses.csv")
+    assert (old / "mlartifacts").is_dir() and not tracker.failed
+    old.rename(new)                                                  # cp -r / mv of the whole project
+
+    monkeypatch.setenv("DVC_ROOT", str(new))
+    tracker = Tracker(Params())
+    second = tracker.start_model_run("simclr", "augself")           # the next stage in the copy re-points it
+    tracker.log_artifact(second, tmp_path / "losses.csv")
+    assert (new / "mlartifacts" / second / "artifacts" / "losses.csv").exists() and not old.exists()
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run_id).info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    got = client.download_artifacts(run_id, "losses.csv", str(tmp_path / "dl"))
+    assert Path(got).read_text() == "step,loss\n0,1.5\n"
+    assert tracking.relocate_artifacts("augself") is None            # done once; the CLI now says so
+
+    # python -m pipeline.tracking relocate, for a copy whose store is only opened with `mlflow ui`
+    new.rename(old)
+    out = subprocess.run([sys.executable, "-m", "pipeline.tracking", "relocate", "augself"], cwd=old,
+                         env={**os.environ, "DVC_ROOT": str(old), "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"moved from {new}/mlartifacts" in out.stdout, out.stdout + out.stderr
+    assert MlflowClient(f"sqlite:///{old / 'mlflow.db'}").get_run(second).info.artifact_uri.startswith(
+        (old / "mlartifacts").as_uri())
