@@ -130,6 +130,7 @@ def relocate_artifacts(experiment: str, root: Path | None = None) -> str | None:
     naming another file) are left alone: a server keeps its own artifact root.
     """
     import sqlite3
+    import urllib.parse
 
     root = Path(root or project_root()).resolve()
     db = _local_store(tracking_uri())
@@ -141,7 +142,7 @@ def relocate_artifacts(experiment: str, root: Path | None = None) -> str | None:
         old = row[0] if row else None
         if not old or old == new or not old.startswith("file://") or not old.endswith("/" + ARTIFACTS_DIR):
             return None
-        old_root = Path(old[len("file://"):-len(ARTIFACTS_DIR) - 1])
+        old_root = Path(urllib.parse.unquote(urllib.parse.urlsplit(old).path)).parent
         if not (root / ARTIFACTS_DIR).exists() and (old_root / ARTIFACTS_DIR).exists():
             return None                               # the artifacts stayed behind: keep reading them there
         for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
