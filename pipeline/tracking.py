@@ -16,9 +16,13 @@
   tree lines the runs of one ``dvc repro`` / study up by method, variant, λ and seed.  The parent does
   not carry the ``group`` tag itself, so the report's ``tags.group`` query reads model runs only.
 * Inputs: the prepared datasets are logged with :meth:`Tracker.log_datasets` (context ``pretraining`` /
-  ``evaluation``), name = dataset, digest = the first 16 hex digits of a sha256 over meta.json's
-  sha256 of the split files that context reads (:func:`context_splits`; MLflow's digest column holds 36
-  characters; the full per-file hashes are in the dataset's profile).
+  ``evaluation``), name = the dataset and the splits that context reads (``cfmnist/train``,
+  ``cfmnist/train+test``), digest = the first 16 hex digits of a sha256 over meta.json's sha256 of those
+  split files (:func:`context_splits`; MLflow's digest column holds 36 characters; the full per-file
+  hashes are in the dataset's profile).
+* Run names ``<method>-<variant> λ=<λ> seed <seed>``; Source and User are MLflow's own context tags
+  (:func:`source_tags`: entry point ``stages.pretrain``, git commit and branch, user), which the client's
+  ``create_run`` leaves out.
 * Output: the final backbone as an MLflow model (:meth:`Tracker.log_backbone`), a LoggedModel whose
   metrics are the evaluation results (the evaluation stages log each metric with its ``model_id`` and,
   where the key names one, its dataset).  It is saved in PyTorch's ``pt2`` format (``torch.export``):
@@ -29,6 +33,9 @@
 * System metrics (CPU, memory, disk, network; GPU through pynvml) are sampled on pretraining runs by
   MLflow's ``SystemMetricsMonitor`` when ``psutil`` is importable, and skipped otherwise (GPU metrics
   only when ``pynvml`` is); ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` sets the period (default 10 s).
+* Artifacts of the local store live in ``<project>/mlartifacts``.  MLflow stores their locations as
+  absolute URIs; a copied or moved project's store is re-pointed at its own ``mlartifacts/`` when a stage
+  or the report opens it, or by ``python -m pipeline.tracking relocate`` (:func:`relocate_artifacts`).
 * MLflow is never allowed to lose work: every call goes through :meth:`Tracker._safe`; on failure the
   stage prints one clear message and carries on, since every metric is also written to files under
   ``metrics/`` and ``models/`` that the report can read without MLflow.
@@ -101,6 +108,51 @@ def display_uri(uri: str) -> str:
     return "sqlite:///mlflow.db" if uri == local else uri
 
 
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def _local_store(uri: str) -> Path | None:
+    """The SQLite file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def relocate_artifacts(experiment: str, root: Path | None = None) -> str | None:
+    """Point a copied or moved project's store at its own ``mlartifacts/``; returns the old root or None.
+
+    MLflow keeps artifact locations absolute (``file:///old/clone/mlartifacts/<run>/artifacts``): a local
+    store never holds a relative one (``create_experiment`` resolves it against the working directory,
+    mlflow/mlflow#7670; a relative location is the open feature request mlflow/mlflow#3144), and no client
+    API changes a run's or a LoggedModel's artifact location.  So when the project's own store
+    (``<root>/mlflow.db``) names another folder's ``mlartifacts`` (the clone it was copied from), the
+    experiment's, its runs' and its LoggedModels' locations under that old root are rewritten to this
+    root in the SQLite file, as long as the artifacts came along (``<root>/mlartifacts`` exists) or the
+    old folder is gone.  Without that, a copy's reads resolve to the old clone (or nothing) and its new
+    runs write their artifacts into the old clone.  Stores elsewhere (a server, ``MLFLOW_TRACKING_URI``
+    naming another file) are left alone: a server keeps its own artifact root.
+    """
+    import sqlite3
+    import urllib.parse
+
+    root = Path(root or project_root()).resolve()
+    db = _local_store(tracking_uri())
+    if db is None or db.resolve() != root / "mlflow.db" or not db.exists():
+        return None
+    new = (root / ARTIFACTS_DIR).as_uri()
+    with sqlite3.connect(db, timeout=60) as con:
+        row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        old = row[0] if row else None
+        if not old or old == new or not old.startswith("file://") or not old.endswith("/" + ARTIFACTS_DIR):
+            return None
+        old_root = Path(urllib.parse.unquote(urllib.parse.urlsplit(old).path)).parent
+        if not (root / ARTIFACTS_DIR).exists() and (old_root / ARTIFACTS_DIR).exists():
+            return None                               # the artifacts stayed behind: keep reading them there
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("logged_models", "artifact_location")):
+            con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                        (new, len(old) + 1, len(old), old))
+    return str(old_root)
+
+
 def dataset_digest(sha256: dict[str, str]) -> str:
     """A short digest of a prepared dataset from meta.json's per-file sha256 (order independent)."""
     text = "\n".join(f"{name}:{digest}" for name, digest in sorted(sha256.items()))
@@ -118,6 +170,12 @@ def context_splits(meta: dict, context: str) -> list[str]:
     if context == "pretraining":
         return list(meta["pretrain_splits"])
     return [split for split in ("train", "test") if split in meta["splits"]]
+
+
+def dataset_input_name(name: str, splits: list[str]) -> str:
+    """A dataset input's name in MLflow: the dataset and the splits read, ``cfmnist/train`` (pretraining),
+    ``cfmnist/train+test`` (evaluation: the probes fit on train and report test), ``stl10/train+unlabeled``."""
+    return f"{name}/{'+'.join(splits)}"
 
 
 def system_metrics_available() -> bool:
@@ -138,6 +196,46 @@ def git_commit(cwd: Path | None = None) -> str:
         return ""
 
 
+def git_branch(cwd: Path | None = None) -> str:
+    """The checked-out branch ("" when detached, as in a queued DVC experiment's copy, or not a repo)."""
+    try:
+        out = subprocess.run(["git", "symbolic-ref", "--short", "-q", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def entry_point() -> str:
+    """What was run: the module of ``python -m stages.pretrain`` / ``torchrun -m …`` (``stages.pretrain``),
+    else the script as given (``sys.argv[0]``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return sys.argv[0] if sys.argv and sys.argv[0] else "<console>"
+
+
+def source_tags() -> dict[str, str]:
+    """The run's Source and User columns in the MLflow UI: the same context tags MLflow puts on a
+    LoggedModel (``mlflow.tracking.context.registry.resolve_tags``: ``mlflow.user``, ``mlflow.source.type``,
+    git commit / branch / repo URL of the entry script), which ``MlflowClient.create_run`` does not add,
+    with ``mlflow.source.name`` the entry point's module (not the clone's absolute path) and the git
+    commit and branch of the working directory (the clone the stage runs in) where known."""
+    from mlflow.tracking.context import registry
+
+    tags = {k: str(v) for k, v in registry.resolve_tags().items()}
+    tags["mlflow.source.name"] = entry_point()
+    for key, value in (("mlflow.source.git.commit", git_commit()), ("mlflow.source.git.branch", git_branch())):
+        if value:
+            tags[key] = value
+    return tags
+
+
+def run_name(params: Params, method: str, variant: str) -> str:
+    """The run's name in the MLflow UI, e.g. ``simclr-augself λ=1 seed 0``."""
+    return f"{model_name(method, variant)} λ={params.lambda_for(variant):g} seed {params.seed}"
+
+
 def run_tags(params: Params, method: str, variant: str) -> dict[str, str]:
     return {
         "method": method,
@@ -147,7 +245,7 @@ def run_tags(params: Params, method: str, variant: str) -> dict[str, str]:
         "group": params.group_hash(),
         "commit": git_commit(),
         "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
-        "mlflow.runName": f"{method}-{variant}-lam{params.lambda_for(variant):g}-seed{params.seed}",
+        "mlflow.runName": run_name(params, method, variant),
     }
 
 
@@ -225,7 +323,7 @@ class Tracker:
         # to the project root.  Decided by the store's kind, not by whether MLFLOW_TRACKING_URI is set:
         # mlflow.set_tracking_uri exports that variable, so a parent that queried the store (stages.study)
         # hands it to every queued stage.  A server keeps its own artifact root.
-        artifacts = None if is_server_uri(tracking_uri()) else (project_root() / "mlartifacts").as_uri()
+        artifacts = None if is_server_uri(tracking_uri()) else (project_root() / ARTIFACTS_DIR).as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created concurrently by another stage: read it back
@@ -236,6 +334,7 @@ class Tracker:
 
     def experiment_id(self) -> str:
         """The project's experiment, created when missing; tags an existing one with the experiment kind."""
+        relocate_artifacts(self.params.tracking.experiment)      # a copied project: its own mlartifacts/
         exp = self.client.get_experiment_by_name(self.params.tracking.experiment)
         if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
             self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
@@ -257,7 +356,7 @@ class Tracker:
         from mlflow.entities import Param
 
         run = self.client.create_run(experiment_id, run_name=f"group {group}", tags={
-            GROUP_RUN_TAG: group,
+            **source_tags(), GROUP_RUN_TAG: group,
             "mlflow.note.content": f"Configuration group {group}: the runs nested here share the params logged "
                                    f"here (Params.group_config); the others are on each run."})
         batch = [Param(k, v) for k, v in group_params(self.params).items()]
@@ -277,7 +376,7 @@ class Tracker:
                 run = self.client.get_run(reuse_run_id)
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id
-            tags = run_tags(self.params, method, variant)
+            tags = {**source_tags(), **run_tags(self.params, method, variant)}
             experiment = self.experiment_id()
             tags["mlflow.parentRunId"] = self.group_run_id(experiment, tags["group"])
             run = self.client.create_run(experiment, tags=tags, run_name=tags["mlflow.runName"])
@@ -291,9 +390,10 @@ class Tracker:
         return self._safe("create the model's run", create)
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None,
-                    model_id: str | None = None, datasets: dict[str, str] | None = None) -> None:
+                    model_id: str | None = None, datasets: dict[str, tuple[str, str]] | None = None) -> None:
         """Log ``metrics`` into the run; with ``model_id`` also onto that LoggedModel, each metric whose key
-        is ``<protocol>/<dataset>/...`` linked to ``datasets[<dataset>]`` (its digest) when given."""
+        is ``<protocol>/<dataset>/...`` linked to ``datasets[<dataset>]`` (the (MLflow name, digest) that
+        :meth:`log_datasets` returns) when given."""
         if not run_id or not metrics:
             return
         from mlflow.entities import Metric
@@ -303,16 +403,20 @@ class Tracker:
 
         def metric(k: str, v: float) -> Metric:
             name = k.split("/")[1] if k.count("/") >= 2 else None
-            linked = {"dataset_name": name, "dataset_digest": datasets[name]} if model_id and name in datasets else {}
+            linked = ({"dataset_name": datasets[name][0], "dataset_digest": datasets[name][1]}
+                      if model_id and name in datasets else {})
             return Metric(k, float(v), ts, step or 0, model_id=model_id, **linked)
 
         batch = [metric(k, v) for k, v in metrics.items() if v is not None]
         self._safe("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
 
-    def log_datasets(self, run_id: str | None, prepared_root: Path, names: list[str], context: str) -> dict[str, str]:
+    def log_datasets(self, run_id: str | None, prepared_root: Path, names: list[str],
+                     context: str) -> dict[str, tuple[str, str]]:
         """Log the prepared datasets ``names`` as the run's inputs (``mlflow.data.context`` = ``context``).
 
-        Returns {name: digest} of those logged.  The source is the prepared folder as DVC tracks it; the
+        Each is named after the splits that context reads (:func:`dataset_input_name`: ``cfmnist/train``
+        for pretraining, ``cfmnist/train+test`` for evaluation), so a run's two inputs of one dataset
+        say which is which.  Returns {name: (MLflow name, digest)} of those logged.  The source is the prepared folder as DVC tracks it; the
         profile holds the splits, image size, tasks and meta.json's full per-file sha256.
         """
         if not run_id:
@@ -331,11 +435,11 @@ class Tracker:
                     continue
                 splits = context_splits(meta, context)
                 sha = {f"{split}.npz": meta["sha256"][f"{split}.npz"] for split in splits}
-                digests[name] = dataset_digest(sha)
+                digests[name] = (dataset_input_name(name, splits), dataset_digest(sha))
                 profile = {"splits": {split: meta["splits"][split] for split in splits}, "sha256": sha,
                            "image_size": meta["image_size"],
                            "tasks": {t: v["num_classes"] for t, v in meta["tasks"].items()}}
-                dataset = Dataset(name=name, digest=digests[name], source_type="local",
+                dataset = Dataset(name=digests[name][0], digest=digests[name][1], source_type="local",
                                   source=json.dumps({"uri": str(Path(prepared_root) / name)}),
                                   profile=json.dumps(profile, sort_keys=True))
                 inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
@@ -522,6 +626,7 @@ def collect_results(params: Params, models_dir: Path = Path("models"), metrics_d
     """
     if source in ("auto", "mlflow") and params.tracking.enabled:
         try:
+            relocate_artifacts(params.tracking.experiment)      # a copied project reads its own artifacts
             runs, curves = _runs_from_mlflow(params)
             if not runs.empty:
                 return runs, curves, f"MLflow ({tracking_uri()})"
@@ -598,3 +703,19 @@ def collect_items(params: Params, runs: pd.DataFrame, models_dir: Path = Path("m
         if scores:
             out[run_id] = scores
     return out
+
+
+if __name__ == "__main__":          # python -m pipeline.tracking relocate [experiment]
+    if len(sys.argv) < 2 or sys.argv[1] != "relocate":
+        sys.exit("usage: python -m pipeline.tracking relocate [experiment]   (default: params.yaml's tracking.experiment)")
+    if len(sys.argv) > 2:
+        name = sys.argv[2]
+    else:
+        from pipeline.params import load_params
+
+        name = load_params().tracking.experiment
+    old = relocate_artifacts(name)
+    print(f"{tracking_uri()}: experiment {name!r}: artifact locations moved from {old}/mlartifacts to "
+          f"{project_root() / ARTIFACTS_DIR}" if old else
+          f"{tracking_uri()}: experiment {name!r}: artifact locations already point at this project (or its "
+          f"artifacts are still in the original folder): nothing changed")

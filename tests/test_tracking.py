@@ -133,7 +133,7 @@ def test_pretraining_logs_dataset_backbone_model_and_evaluation_metrics(tmp_path
     pretrain_digest = tracking.dataset_digest({"train.npz": meta["sha256"]["train.npz"]})
     contexts = {(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
                 for d in run.inputs.dataset_inputs}
-    assert contexts == {("cfmnist", pretrain_digest, "pretraining"), ("cfmnist", digest, "evaluation")}
+    assert contexts == {("cfmnist/train", pretrain_digest, "pretraining"), ("cfmnist/train+test", digest, "evaluation")}
     profiles = [json.loads(d.dataset.profile)["sha256"] for d in run.inputs.dataset_inputs]
     assert meta["sha256"] in profiles
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
@@ -142,7 +142,7 @@ def test_pretraining_logs_dataset_backbone_model_and_evaluation_metrics(tmp_path
     model = tracker.client.get_logged_model(model_id)
     assert model.source_run_id == run_id and model.name == "simclr-augself"
     linked = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in model.metrics}
-    assert linked["linear/cfmnist/class/top1"] == (61.5, "cfmnist", digest)
+    assert linked["linear/cfmnist/class/top1"] == (61.5, "cfmnist/train+test", digest)   # the input it was measured on
     files = {p.name for p in Path(model.artifact_location.removeprefix("file://")).rglob("*") if p.is_file()}
     assert "model.pt2" in files and not files & {"model.pth", "data.pkl", "pickle_module_info.txt"}
 
@@ -213,3 +213,68 @@ def test_run_params_are_the_ones_the_run_trained_with():
     assert not any(k.startswith("cassle.") for k in aug) and "augself.augmentations" in aug
     diff = {k for k in set(base) | set(aug) if base.get(k) != aug.get(k)}
     assert {"augself.lambda", "lambda", "variant"} <= diff
+
+
+def test_runs_have_a_readable_name_and_the_source_and_user_columns(store, tmp_path, monkeypatch):
+    """The runs table's Run Name, Source and User: ``simclr-augself λ=1 seed 0``, the entry point as a
+    module, the user, and the git commit and branch of the clone (MlflowClient.create_run adds none)."""
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "exp-branch"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=repo, check=True)
+    commit = tracking.git_commit(repo)
+    monkeypatch.chdir(repo)
+    main = type(sys)("__main__")
+    main.__spec__ = type("Spec", (), {"name": "stages.pretrain"})()
+    monkeypatch.setitem(sys.modules, "__main__", main)           # as under `python -m stages.pretrain`
+    params = Params()
+    tracker = Tracker(params)
+    run = tracker.client.get_run(tracker.start_model_run("simclr", "augself"))
+    assert run.info.run_name == f"simclr-augself λ={params.augself.lambda_:g} seed {params.seed}"
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "stages.pretrain" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == commit == tags["commit"]
+    assert tags["mlflow.source.git.branch"] == "exp-branch"
+    parent = tracker.client.get_run(tags["mlflow.parentRunId"]).data.tags
+    assert parent["mlflow.source.name"] == "stages.pretrain" and parent["mlflow.user"] == tags["mlflow.user"]
+    assert tracking.run_name(params, "simclr", "baseline") == f"simclr-baseline λ=0 seed {params.seed}"
+
+
+def test_a_copied_project_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
+    """MLflow stores artifact locations as absolute URIs (mlflow/mlflow#3144): a project copied (or moved)
+    with its mlflow.db and mlartifacts/ must read its runs' artifacts and LoggedModels from the copy, and
+    write new ones there, not into the clone it came from."""
+    from mlflow.tracking import MlflowClient
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(old))
+    tracker = Tracker(Params())
+    run_id = tracker.start_model_run("simclr", "baseline")
+    (tmp_path / "losses.csv").write_text("step,loss\n0,1.5\n")
+    tracker.log_artifact(run_id, tmp_path / "losses.csv")
+    assert (old / "mlartifacts").is_dir() and not tracker.failed
+    old.rename(new)                                                  # cp -r / mv of the whole project
+
+    monkeypatch.setenv("DVC_ROOT", str(new))
+    tracker = Tracker(Params())
+    second = tracker.start_model_run("simclr", "augself")           # the next stage in the copy re-points it
+    tracker.log_artifact(second, tmp_path / "losses.csv")
+    assert (new / "mlartifacts" / second / "artifacts" / "losses.csv").exists() and not old.exists()
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run_id).info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    got = client.download_artifacts(run_id, "losses.csv", str(tmp_path / "dl"))
+    assert Path(got).read_text() == "step,loss\n0,1.5\n"
+    assert tracking.relocate_artifacts("augself") is None            # done once; the CLI now says so
+
+    # python -m pipeline.tracking relocate, for a copy whose store is only opened with `mlflow ui`
+    new.rename(old)
+    out = subprocess.run([sys.executable, "-m", "pipeline.tracking", "relocate", "augself"], cwd=old,
+                         env={**os.environ, "DVC_ROOT": str(old), "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"moved from {new}/mlartifacts" in out.stdout, out.stdout + out.stderr
+    assert MlflowClient(f"sqlite:///{old / 'mlflow.db'}").get_run(second).info.artifact_uri.startswith(
+        (old / "mlartifacts").as_uri())
