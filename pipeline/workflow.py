@@ -4,7 +4,9 @@ tracking and the files DVC tracks.  Stage scripts in ``stages/`` only parse argu
 File layout (docs/architecture.md):
   models/<method>-<variant>/{checkpoint.pt, final.pt, mlflow_run_id, run.json, metrics.json, losses.csv}
   features/<method>-<variant>/<dataset>.npz      train_x, test_x, train_<task>, test_<task>
-  metrics/<method>-<variant>/{linear,fewshot,probe}.json
+  metrics/<method>-<variant>/{linear,fewshot,probe}.json            the headline numbers (DVC metrics)
+  metrics/<method>-<variant>/{linear,fewshot,probe}_diagnostics.json solver settings, stops, episode digests
+                                                                      (DVC outputs, not metrics: issue 27)
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+# Each evaluation writes its headline numbers to <step>.json (declared as DVC metrics: what `dvc metrics
+# show` / `dvc exp show` / `dvc metrics diff` compare) and everything else it records (solver settings,
+# per-fit stops, episode digests) to <step>_diagnostics.json (a DVC output, not a metric), so the
+# comparison tables hold accuracies, not solver strings.
+DIAGNOSTICS = "{step}_diagnostics.json"
 LINEAR_ITEMS = "linear_predictions.npz"      # per test image: predicted and true class, per dataset/task
 FEWSHOT_ITEMS = "fewshot_episodes.npz"       # per episode: accuracy, per dataset/task/setting
 
@@ -250,7 +257,8 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
         print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
         _said("linear", f"{model}: {params.eval.linear.wd_steps} L2 weights + refit on {name}/{task} "
                         f"({len(a['train_x'])} train x {a['train_x'].shape[1]} features)", t0)
-    write_json(Path(metrics_dir) / model / "linear.json", {**metrics, "solver": solver})
+    write_json(Path(metrics_dir) / model / "linear.json", metrics)
+    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="linear"), {"solver": solver})
     predictions = _write_items(Path(metrics_dir) / model / LINEAR_ITEMS, arrays)
     _log_to_model_run(params, models_dir, model, metrics, artifact=predictions)
     return metrics
@@ -277,8 +285,9 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
         print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
         _said("fewshot", f"{model}: {fs.episodes} episodes x {len(fs.shots)} shot settings of {fs.ways}-way "
                          f"logistic regression on {name}/{task}", t0)
-    write_json(Path(metrics_dir) / model / "fewshot.json",
-               {**metrics, "solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
+    write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
+    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="fewshot"),
+               {"solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
     episodes = _write_items(Path(metrics_dir) / model / FEWSHOT_ITEMS, arrays)
     _log_to_model_run(params, models_dir, model, metrics, artifact=episodes)
     return metrics
@@ -313,9 +322,10 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
             metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
     from pipeline.evaluate.linear import DEFAULT_TOL, SOLVER
 
-    write_json(Path(metrics_dir) / model / "probe.json",
-               {**metrics, "solver": {"ridge": "closed form (float64 linear solve, exact)",
-                                      "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
+    write_json(Path(metrics_dir) / model / "probe.json", metrics)
+    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="probe"),
+               {"solver": {"ridge": "closed form (float64 linear solve, exact)",
+                           "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
     _log_to_model_run(params, models_dir, model, metrics, datasets=[params.data.pretrain])
     print(format_probe_result(res, title=f"{model}: augmentation probe"))
     _said("probe", f"{model}: ridge maps to {', '.join(probe_augmentations(params))} from "
