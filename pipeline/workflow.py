@@ -339,6 +339,37 @@ EVALUATION_STEPS: dict[str, Callable] = {
 
 
 # -- report -------------------------------------------------------------------------------------
+HEADLINE = "metrics.json"     # reports/metrics.json: the DVC metric `dvc exp show` compares experiments by
+
+
+def write_headline(params: Params, metrics_dir: Path, out_dir: Path) -> Path:
+    """``reports/metrics.json``: each variant's linear top-1 minus the baseline's, in points, per method and
+    downstream task (``<method>/Δ<variant>/<dataset>/<task>``), read from this workspace's metrics files.
+
+    The per-model files (``metrics/<model>/linear.json``) share their keys, so DVC's tables must prefix
+    each with its path (60 characters a column); these short keys are what lets `dvc exp show` at 160
+    columns show the experiments' names, the params that differ and the comparison the pipeline exists
+    for (README, "Experiments").  A model whose files are missing is left out."""
+    import json
+
+    out: dict[str, float] = {}
+    for method in params.ssl.methods:
+        base = Path(metrics_dir) / f"{method}-baseline" / "linear.json"
+        if not base.exists():
+            continue
+        b = json.loads(base.read_text())
+        for variant in params.variants:
+            f = Path(metrics_dir) / f"{method}-{variant}" / "linear.json"
+            if variant == "baseline" or not f.exists():
+                continue
+            v = json.loads(f.read_text())
+            for key in sorted(set(b) & set(v)):
+                if key.startswith("linear/") and key.endswith("/top1"):
+                    task = key[len("linear/"):-len("/top1")]
+                    out[f"{method}/Δ{variant}/{task}"] = round(float(v[key]) - float(b[key]), 6)
+    return write_json(Path(out_dir) / HEADLINE, out)
+
+
 def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Path, params_path: Path) -> list[Path]:
     from pipeline.report import build_report
 
@@ -362,5 +393,6 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
     }
     items = collect_items(params, runs, Path(models_dir), Path(metrics_dir))
     paths = build_report(runs, curves, Path(out_dir), context, items=items)
+    paths.append(write_headline(params, Path(metrics_dir), Path(out_dir)))
     print(f"report: {len(runs)} runs from {source} → {out_dir}/index.html")
     return paths
