@@ -94,7 +94,7 @@ def reproduced(tmp_path_factory) -> Path:
     p.mkdir()
     make_project(p, OVERRIDES)
     shutil.copy2(template, p / TEMPLATE)
-    run(["dvc", "repro"], p)
+    run(["dvc", "repro"], p, timeout=1800)            # minutes on a busy 2-core machine
     run(["git", "add", "-A"], p)
     run(["git", "commit", "-qm", "reproduced"], p, **GIT_ID)
     return p
@@ -108,7 +108,7 @@ def test_every_documented_dvc_command_runs_after_repro(reproduced):
         for placeholder, value in SUBSTITUTE.items():
             line = line.replace(placeholder, value.format(project=p, tmp=p.parent))
         cwd = (p / CWD[command]).resolve() if command in CWD else p
-        out = run(["bash", "-c", line], cwd, check=False, **GIT_ID)
+        out = run(["bash", "-c", line], cwd, check=False, timeout=1200, **GIT_ID)
         print(f"$ {line}   (in {cwd.name}): exit {out.returncode}")
         if out.returncode != 0:
             failed.append(f"{line}\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}")
@@ -122,9 +122,9 @@ def test_every_documented_dvc_command_runs_after_repro(reproduced):
 def experiments(reproduced) -> tuple[Path, list[str]]:
     """Two experiments: README's λ command as written (DVC names it), and a named one on top of it."""
     p = reproduced
-    out = run(["bash", "-c", "dvc exp run -S augself.lambda=0.5"], p)
+    out = run(["bash", "-c", "dvc exp run -S augself.lambda=0.5"], p, timeout=1800)
     names = re.findall(r"Ran experiment\(s\): (\S+)", out.stdout + out.stderr)
-    run(["dvc", "exp", "run", "-n", "fewer-episodes", "-S", "eval.fewshot.episodes=10"], p)
+    run(["dvc", "exp", "run", "-n", "fewer-episodes", "-S", "eval.fewshot.episodes=10"], p, timeout=1200)
     return p, [*names, "fewer-episodes"]
 
 
@@ -188,3 +188,22 @@ def test_plots_render_offline_with_the_variants_overlaid(experiments, tmp_path):
     dom, image = render_offline(page, tmp_path)
     image.save(tmp_path / "plots-checked.png")
     check_plots_page(dom, image)
+
+
+def test_headline_file_is_each_variant_minus_the_baseline(tmp_path):
+    """reports/metrics.json, the columns `dvc exp show` compares by: variant − baseline linear top-1."""
+    import json
+
+    from pipeline.params import load_params
+    from pipeline.workflow import write_headline
+
+    params = load_params(ROOT / "params.yaml")
+    params.variants = ["baseline", "augself", "cassle"]
+    values = {"baseline": (70.0, 97.5), "augself": (68.5, 98.25), "cassle": (60.0, 99.0)}
+    for variant, (cls, hue) in values.items():
+        d = tmp_path / "metrics" / f"simclr-{variant}"
+        d.mkdir(parents=True)
+        (d / "linear.json").write_text(json.dumps({"linear/cfmnist/class/top1": cls, "linear/cfmnist/hue/top1": hue}))
+    out = json.loads(write_headline(params, tmp_path / "metrics", tmp_path).read_text())
+    assert out == {"simclr/Δaugself/cfmnist/class": -1.5, "simclr/Δaugself/cfmnist/hue": 0.75,
+                   "simclr/Δcassle/cfmnist/class": -10.0, "simclr/Δcassle/cfmnist/hue": 1.5}
