@@ -344,12 +344,15 @@ HEADLINE = "metrics.json"     # reports/metrics.json: the DVC metric `dvc exp sh
 
 def write_headline(params: Params, metrics_dir: Path, out_dir: Path) -> Path:
     """``reports/metrics.json``: each variant's linear top-1 minus the baseline's, in points, per method and
-    downstream task (``<method>/Δ<variant>/<dataset>/<task>``), read from this workspace's metrics files.
+    downstream task (``Δ<variant>/<dataset>/<task>``; ``<method>/Δ<variant>/<dataset>/<task>`` when
+    ``ssl.methods`` lists several), read from this workspace's metrics files.
 
     The per-model files (``metrics/<model>/linear.json``) share their keys, so DVC's tables must prefix
     each with its path (60 characters a column); these short keys are what lets `dvc exp show` at 160
     columns show the experiments' names, the params that differ and the comparison the pipeline exists
-    for (README, "Experiments").  A model whose files are missing is left out."""
+    for (README, "Experiments"): with the method in every key, three tasks and two changed params made a
+    167-column table (tests/test_dvc_docs.py), so the one-method default leaves it out.  A model whose
+    files are missing is left out."""
     import json
 
     out: dict[str, float] = {}
@@ -366,7 +369,8 @@ def write_headline(params: Params, metrics_dir: Path, out_dir: Path) -> Path:
             for key in sorted(set(b) & set(v)):
                 if key.startswith("linear/") and key.endswith("/top1"):
                     task = key[len("linear/"):-len("/top1")]
-                    out[f"{method}/Δ{variant}/{task}"] = round(float(v[key]) - float(b[key]), 6)
+                    prefix = f"{method}/" if len(params.ssl.methods) > 1 else ""
+                    out[f"{prefix}Δ{variant}/{task}"] = round(float(v[key]) - float(b[key]), 6)
     return write_json(Path(out_dir) / HEADLINE, out)
 
 

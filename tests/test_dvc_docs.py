@@ -139,7 +139,7 @@ def test_exp_show_at_160_columns_shows_names_changed_params_and_headline_metrics
     assert max(len(line) for line in shown.splitlines()) <= 160
     for name in names:
         assert name in shown, name
-    for column in ("augself.lambda", "eval.fewshot.episodes", *(f"simclr/Δaugself/cfmnist/{t}" for t in TASKS)):
+    for column in ("augself.lambda", "eval.fewshot.episodes", *(f"Δaugself/cfmnist/{t}" for t in TASKS)):
         assert column in shown, column
     assert "…" not in shown, "a column collapsed"
 
@@ -205,5 +205,9 @@ def test_headline_file_is_each_variant_minus_the_baseline(tmp_path):
         d.mkdir(parents=True)
         (d / "linear.json").write_text(json.dumps({"linear/cfmnist/class/top1": cls, "linear/cfmnist/hue/top1": hue}))
     out = json.loads(write_headline(params, tmp_path / "metrics", tmp_path).read_text())
-    assert out == {"simclr/Δaugself/cfmnist/class": -1.5, "simclr/Δaugself/cfmnist/hue": 0.75,
-                   "simclr/Δcassle/cfmnist/class": -10.0, "simclr/Δcassle/cfmnist/hue": 1.5}
+    assert out == {"Δaugself/cfmnist/class": -1.5, "Δaugself/cfmnist/hue": 0.75,
+                   "Δcassle/cfmnist/class": -10.0, "Δcassle/cfmnist/hue": 1.5}
+    params.ssl.methods = ["simclr", "simsiam"]                 # several methods: the method names the key
+    out = json.loads(write_headline(params, tmp_path / "metrics", tmp_path).read_text())
+    assert set(out) == {"simclr/Δaugself/cfmnist/class", "simclr/Δaugself/cfmnist/hue",
+                        "simclr/Δcassle/cfmnist/class", "simclr/Δcassle/cfmnist/hue"}
