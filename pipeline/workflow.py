@@ -4,7 +4,9 @@ tracking and the files DVC tracks.  Stage scripts in ``stages/`` only parse argu
 File layout (docs/architecture.md):
   models/<method>-<variant>/{checkpoint.pt, final.pt, mlflow_run_id, run.json, metrics.json, losses.csv}
   features/<method>-<variant>/<dataset>.npz      train_x, test_x, train_<task>, test_<task>
-  metrics/<method>-<variant>/{linear,fewshot,probe}.json
+  metrics/<method>-<variant>/{linear,fewshot,probe}.json            the headline numbers (DVC metrics)
+  metrics/<method>-<variant>/{linear,fewshot,probe}_diagnostics.json solver settings, stops, episode digests
+                                                                      (DVC outputs, not metrics: issue 27)
 """
 
 from __future__ import annotations
@@ -145,6 +147,11 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+# Each evaluation writes its headline numbers to <step>.json (declared as DVC metrics: what `dvc metrics
+# show` / `dvc exp show` / `dvc metrics diff` compare) and everything else it records (solver settings,
+# per-fit stops, episode digests) to <step>_diagnostics.json (a DVC output, not a metric), so the
+# comparison tables hold accuracies, not solver strings.
+DIAGNOSTICS = "{step}_diagnostics.json"
 LINEAR_ITEMS = ITEM_FILES["linear"]          # per test image: predicted and true class, per dataset/task
 FEWSHOT_ITEMS = ITEM_FILES["fewshot"]        # per episode: accuracy, per dataset/task/setting
 
@@ -246,7 +253,8 @@ def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path,
         print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
         _said("linear", f"{model}: {params.eval.linear.wd_steps} L2 weights + refit on {name}/{task} "
                         f"({len(a['train_x'])} train x {a['train_x'].shape[1]} features)", t0)
-    write_json(Path(metrics_dir) / model / "linear.json", {**metrics, "solver": solver})
+    write_json(Path(metrics_dir) / model / "linear.json", metrics)
+    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="linear"), {"solver": solver})
     predictions = _write_items(Path(metrics_dir) / model / LINEAR_ITEMS, arrays)
     _log_to_model_run(params, models_dir, model, metrics, artifact=predictions)
     return metrics
@@ -273,8 +281,9 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
         print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
         _said("fewshot", f"{model}: {fs.episodes} episodes x {len(fs.shots)} shot settings of {fs.ways}-way "
                          f"logistic regression on {name}/{task}", t0)
-    write_json(Path(metrics_dir) / model / "fewshot.json",
-               {**metrics, "solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
+    write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
+    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="fewshot"),
+               {"solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
     episodes = _write_items(Path(metrics_dir) / model / FEWSHOT_ITEMS, arrays)
     _log_to_model_run(params, models_dir, model, metrics, artifact=episodes)
     return metrics
@@ -309,9 +318,10 @@ def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, 
             metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
     from pipeline.evaluate.linear import DEFAULT_TOL, SOLVER
 
-    write_json(Path(metrics_dir) / model / "probe.json",
-               {**metrics, "solver": {"ridge": "closed form (float64 linear solve, exact)",
-                                      "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
+    write_json(Path(metrics_dir) / model / "probe.json", metrics)
+    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="probe"),
+               {"solver": {"ridge": "closed form (float64 linear solve, exact)",
+                           "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
     _log_to_model_run(params, models_dir, model, metrics, datasets=[params.data.pretrain])
     print(format_probe_result(res, title=f"{model}: augmentation probe"))
     _said("probe", f"{model}: ridge maps to {', '.join(probe_augmentations(params))} from "
@@ -341,6 +351,41 @@ def run_evaluation_step(step: str, params: Params, model: str, models_dir: Path,
 
 
 # -- report -------------------------------------------------------------------------------------
+HEADLINE = "metrics.json"     # reports/metrics.json: the DVC metric `dvc exp show` compares experiments by
+
+
+def write_headline(params: Params, metrics_dir: Path, out_dir: Path) -> Path:
+    """``reports/metrics.json``: each variant's linear top-1 minus the baseline's, in points, per method and
+    downstream task (``Δ<variant>/<dataset>/<task>``; ``<method>/Δ<variant>/<dataset>/<task>`` when
+    ``ssl.methods`` lists several), read from this workspace's metrics files.
+
+    The per-model files (``metrics/<model>/linear.json``) share their keys, so DVC's tables must prefix
+    each with its path (60 characters a column); these short keys are what lets `dvc exp show` at 160
+    columns show the experiments' names, the params that differ and the comparison the pipeline exists
+    for (README, "Experiments"): with the method in every key, three tasks and two changed params made a
+    167-column table (tests/test_dvc_docs.py), so the one-method default leaves it out.  A model whose
+    files are missing is left out."""
+    import json
+
+    out: dict[str, float] = {}
+    for method in params.ssl.methods:
+        base = Path(metrics_dir) / f"{method}-baseline" / "linear.json"
+        if not base.exists():
+            continue
+        b = json.loads(base.read_text())
+        for variant in params.variants:
+            f = Path(metrics_dir) / f"{method}-{variant}" / "linear.json"
+            if variant == "baseline" or not f.exists():
+                continue
+            v = json.loads(f.read_text())
+            for key in sorted(set(b) & set(v)):
+                if key.startswith("linear/") and key.endswith("/top1"):
+                    task = key[len("linear/"):-len("/top1")]
+                    prefix = f"{method}/" if len(params.ssl.methods) > 1 else ""
+                    out[f"{prefix}Δ{variant}/{task}"] = round(float(v[key]) - float(b[key]), 6)
+    return write_json(Path(out_dir) / HEADLINE, out)
+
+
 def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Path, params_path: Path) -> list[Path]:
     from pipeline.report import build_report
 
@@ -364,5 +409,6 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
     }
     items = collect_items(params, runs, Path(models_dir), Path(metrics_dir))
     paths = build_report(runs, curves, Path(out_dir), context, items=items)
+    paths.append(write_headline(params, Path(metrics_dir), Path(out_dir)))
     print(f"report: {len(runs)} runs from {source} → {out_dir}/index.html")
     return paths

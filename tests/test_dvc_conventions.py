@@ -14,6 +14,8 @@ the validate stage.
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -124,3 +126,47 @@ def test_final_backbones_are_dvc_model_artifacts():
             assert art["type"] == "model" and art["path"] == f"models/{method}-{variant}/final.pt"
     pattern = {o for o in outs if o.endswith("final.pt")}
     assert pattern == {"models/${item.method}-${item.variant}/final.pt"}     # one matrix stage trains them all
+
+
+# -- what a fresh clone holds (issue 27) ---------------------------------------------------------------
+HEADLINE = re.compile(r"^((pretrain|linear|fewshot|probe)/|(\w+/)?Δ\w+/)[\w/.-]+$")   # Δ…: reports/metrics.json
+
+
+def _committed(pattern: str) -> list[Path]:
+    """The committed files a dvc.yaml path with ``${item.method}-${item.variant}`` stands for."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    rx = re.compile("^" + re.escape(pattern).replace(re.escape("${item.method}-${item.variant}"), r"[^/]+") + "$")
+    return [ROOT / f for f in files if rx.match(f)]
+
+
+def test_declared_metrics_hold_only_the_headline_numbers():
+    """`dvc metrics show` / `dvc exp show` read every number of a declared metrics file: solver settings,
+    stops and episode digests live in the ``*_diagnostics.json`` outputs beside them, not in a metric."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = [next(iter(m)) if isinstance(m, dict) else m for s in dvc["stages"].values() for m in s.get("metrics", [])]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for s in dvc["stages"].values() for o in s.get("outs", [])]
+    assert len(declared) == 5 and not any("diagnostics" in m for m in declared)
+    assert sum("_diagnostics.json" in o for o in outs) == 3
+    seen = 0
+    for pattern in declared:
+        for path in _committed(pattern):
+            data = json.loads(path.read_text())
+            bad = {k: v for k, v in data.items() if not HEADLINE.match(k) or isinstance(v, bool)
+                   or not isinstance(v, (int, float))}
+            assert not bad, f"{path.relative_to(ROOT)} declares non-headline values as metrics: {sorted(bad)[:5]}"
+            seen += 1
+    assert seen >= 9, seen
+
+
+def test_committed_outputs_are_exactly_those_of_the_default_params():
+    """No file of a model the default ``variants`` do not train (a stale simclr-cassle), and no dvc.lock
+    entry for a stage dvc.yaml does not define: a fresh clone's `dvc status` is the whole truth."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    models = {f"{m}-{v}" for m in params["ssl"]["methods"] for v in params["variants"]}
+    files = subprocess.run(["git", "ls-files", "models", "metrics", "features"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert {f.split("/")[1] for f in files if f.count("/") >= 2} == models
+    matrix = {f"{s}@{m}" for s in ("pretrain", "features", "linear", "fewshot", "probe") for m in models}
+    stages = {"validate", "report", *matrix, *(f"prepare@{d}" for d in params["data"]["datasets"])}
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked <= stages, sorted(locked - stages)

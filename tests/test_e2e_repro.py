@@ -31,9 +31,11 @@ def test_repro_writes_models_metrics_report_and_mlflow_runs(reproduced):
     for variant in ("baseline", "augself", "cassle"):
         m = p / "models" / f"simclr-{variant}"
         assert (m / "final.pt").exists() and (m / "checkpoint.pt").exists()
+        # The declared metrics file holds the headline numbers only; the solver's record is beside it (issue 27).
         linear = json.loads((p / "metrics" / f"simclr-{variant}" / "linear.json").read_text())
-        assert set(linear) - {"solver"} == {"linear/cfmnist/class/top1", "linear/cfmnist/color/top1"}
-        assert linear["solver"]["cfmnist/class"]["name"] == "tron"
+        assert set(linear) == {"linear/cfmnist/class/top1", "linear/cfmnist/color/top1"}
+        diagnostics = json.loads((p / "metrics" / f"simclr-{variant}" / "linear_diagnostics.json").read_text())
+        assert diagnostics["solver"]["cfmnist/class"]["name"] == "tron"
         assert (p / "metrics" / f"simclr-{variant}" / "linear_predictions.npz").exists()
         probe = json.loads((p / "metrics" / f"simclr-{variant}" / "probe.json").read_text())
         assert "probe/crop/r2" in probe and "probe/color/r2" in probe

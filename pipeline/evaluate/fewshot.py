@@ -43,7 +43,7 @@ import torch
 __all__ = ["episode_digest", "sample_episodes", "ovr_logistic_fit", "summarise_accuracies", "fewshot_eval", "format_fewshot_result"]
 
 _NEWTON_MAX_STEPS = 50
-NEWTON_TOL = 1e-10         # stop at |Newton decrement| <= NEWTON_TOL (recorded in fewshot.json)
+NEWTON_TOL = 1e-10         # stop at |Newton decrement| <= NEWTON_TOL (recorded in fewshot_diagnostics.json)
 SOLVER = "newton (dual, batched), liblinear objective"
 _MAX_HALVINGS = 20
 

@@ -59,7 +59,7 @@ exceeds that is certified (``_HeldOutCertificate``).  Per fit, checked after eve
   ``‖∇f‖`` (the tiny-w fits used to burn the 500-iteration cap there); not a final answer, listed
   in ``not_converged`` like ``max_iter``.
 
-``solver.stops`` of ``linear.json`` records the stop of every fit; ``solver.answer_certified`` is
+``solver.stops`` of ``linear_diagnostics.json`` records the stop of every fit; ``solver.answer_certified`` is
 true when every fit was certified or screened and the refit certified: then the chosen w and the
 reported accuracy are the minimisers' exactly, whatever the tolerance.  ``val_acc_per_wd`` of a
 screened w is the accuracy at its early point (only bounded: ``solver.val_acc_bounds``).
@@ -88,8 +88,8 @@ from pipeline.params import LinearParams
 
 DEFAULT_TOL = 1e-9         # relative gradient norm at which every fit stops (eval.linear.tol)
 DEFAULT_MAX_ITER = 500     # Newton iterations per fit (eval.linear.max_iter); a safety cap
-SOLVER = "tron"            # trust-region Newton-CG, float64 (recorded in linear.json)
-# How a fit stops (recorded per fit in linear.json): ‖∇f‖ ≤ tol·‖∇f(0)‖; every held-out prediction
+SOLVER = "tron"            # trust-region Newton-CG, float64 (recorded in linear_diagnostics.json)
+# How a fit stops (recorded per fit in linear_diagnostics.json): ‖∇f‖ ≤ tol·‖∇f(0)‖; every held-out prediction
 # certified equal to the minimiser's; the w provably cannot be selected; the gradient stopped
 # decreasing at the float64 floor; the iteration cap.  The first three keep the protocol's answer.
 STOPS = ("converged", "certified", "screened", "floor", "max_iter")
