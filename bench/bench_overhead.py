@@ -1,0 +1,300 @@
+"""Where a queued study experiment's wall time goes (issue 23 item 2).
+
+Builds a throw-away project from this checkout (tracked + untracked-not-ignored files, no outputs),
+prepares its data in the parent (`dvc repro validate`: prepare@* and validate, committed), then queues
+ONE study experiment exactly as `stages.study run` does (`pipeline.study.plan.dvc_queue_command`: one
+method, variants baseline + augself, `ssl.threads=1`, the study's `-S` overrides) and runs it with one
+queue worker (`dvc queue start -j 1`).  Every stage process appends its timestamps to a log
+(`pipeline.cli.STAGE_LOG_ENV`: process start from /proc, entry point, end of work, atexit), the temp
+workspace's appearance and removal under `.dvc/tmp/exps/` are polled, and after the experiment the
+ledger export (`pipeline.study.ledger.export_finished`) is timed in this process.  Stage work is split
+further from cProfile (`--profile`): MLflow calls (pipeline.tracking.Tracker), the LoggedModel export,
+the pretraining loop and its kNN monitor.
+
+    python bench/bench_overhead.py --epochs 1                       # the table, JSON to bench/results/
+    python bench/bench_overhead.py --epochs 1 --profile --keep /tmp/ovh   # + cProfile split, keep the project
+
+``--epochs`` shrinks pretraining only (the study trains 5); every other part (data, evaluation, DVC,
+MLflow, imports) is what a study model pays.  Pretraining seconds at 5 epochs come from the ledger
+(`reports/study/runs/*.json`, ``pretrain/wall_time_s``) when ``--ledger-pretrain`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUTPUTS = ("reports/", "bench/results/", "data/", "models/", "features/", "metrics/", "dvc.lock", "mlflow.db",
+           "params.valid")
+VENV_BIN = Path(sys.executable).parent
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
+    e["PYTHONUNBUFFERED"] = "1"
+    e["CUDA_VISIBLE_DEVICES"] = ""
+    for k in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "PYTHONPATH"):
+        e.pop(k, None)
+    e.update(extra)
+    return e
+
+
+def sh(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def make_project(dest: Path) -> Path:
+    files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file() and not f.startswith(OUTPUTS) and not f.startswith(".venv"):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    sh(["git", "init", "-q"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh([*git, "commit", "-qm", "bench project"], dest)
+    return dest
+
+
+def profile_split(prof_dir: Path) -> dict[str, dict[str, float]]:
+    """Per stage process (profile file): seconds in MLflow (Tracker methods, cumulative), in the
+    LoggedModel export, in the pretraining loop and its kNN monitor."""
+    wanted = {
+        "mlflow": ("pipeline/tracking.py", None),
+        "logged_model": ("pipeline/tracking.py", "log_backbone"),
+        "system_metrics": ("pipeline/tracking.py", "start_system_metrics"),
+        "pretrain_loop": ("pipeline/train.py", "pretrain"),
+        "knn_monitor": ("pipeline/monitor.py", None),
+        "load_features": ("pipeline/workflow.py", "_features"),
+        "load_backbone": ("pipeline/workflow.py", "_load_model"),
+        "extract_features": ("pipeline/evaluate/features.py", "extract_features"),
+        "linear_probe": ("pipeline/evaluate/linear.py", "linear_probe"),
+        "fewshot_eval": ("pipeline/evaluate/fewshot.py", "fewshot_eval"),
+        "augmentation_probe": ("pipeline/evaluate/probe.py", "augmentation_probe"),
+        "build_report": ("pipeline/report", "build_report"),
+        "collect_results": ("pipeline/tracking.py", "collect_results"),
+    }
+    out = {}
+    for f in sorted(prof_dir.glob("*.prof")):
+        st = pstats.Stats(str(f))
+        split: dict[str, float] = {}
+        for (path, _line, func), (_cc, _nc, _tt, ct, callers) in st.stats.items():
+            for key, (where, name) in wanted.items():
+                if where not in path:
+                    continue
+                if name is None:
+                    # top-level entries of that file only: callers outside it (no double counting)
+                    if key == "mlflow" and not any(c[0].endswith("pipeline/tracking.py") for c in callers) \
+                            and func not in ("<module>",):
+                        if any("pipeline/tracking.py" not in c[0] for c in callers):
+                            split[key] = split.get(key, 0.0) + ct
+                    elif key == "knn_monitor" and func == "evaluate":
+                        split[key] = split.get(key, 0.0) + ct
+                elif func == name:
+                    split[key] = max(split.get(key, 0.0), ct)
+        out[f.stem] = {k: round(v, 2) for k, v in split.items()}
+    return out
+
+
+def import_times(project: Path) -> dict[str, dict[str, float]]:
+    """`python -X importtime -c 'import stages.<x>'`: the whole import and the top packages in it (s)."""
+    res = {}
+    for mod in ("validate", "pretrain", "evaluate", "report"):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import stages.{mod}"], cwd=project,
+                             env=env(), capture_output=True, text=True)
+        top: dict[str, float] = {}
+        total = 0.0
+        for line in out.stderr.splitlines():
+            m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line)
+            if not m:
+                continue
+            cum, indent, name = int(m.group(1)) / 1e6, len(m.group(2)), m.group(3)
+            if indent == 1:                       # a top-level import of this process
+                total += cum
+                pkg = name.split(".")[0]
+                top[pkg] = top.get(pkg, 0.0) + cum
+        res[mod] = {"total": round(total, 2),
+                    **{k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:6]}}
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=1, help="ssl.epochs of the measured experiment (study: 5)")
+    ap.add_argument("--method", default="simclr")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="run every stage under cProfile (split of its work)")
+    ap.add_argument("--keep", type=Path, default=None, help="build the project here and keep it")
+    ap.add_argument("--label", default="", help="a name for this measurement in the JSON (e.g. before/after)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/overhead-cpu.json")
+    a = ap.parse_args()
+
+    from pipeline.study.plan import Experiment, ModelKey, Study, Block, dvc_queue_command
+
+    project = a.keep or Path(tempfile.mkdtemp(prefix="augself-overhead-"))
+    if project.exists() and any(project.iterdir()):
+        raise SystemExit(f"{project} is not empty")
+    project.mkdir(parents=True, exist_ok=True)
+    make_project(project)
+    stage_log = project.parent / f"{project.name}-stages.jsonl"
+    prof_dir = project.parent / f"{project.name}-prof"
+    stage_log.unlink(missing_ok=True)
+    shutil.rmtree(prof_dir, ignore_errors=True)
+    extra = {"AUGSELF_STAGE_LOG": str(stage_log)}
+    if a.profile:
+        extra["AUGSELF_STAGE_PROFILE"] = str(prof_dir)
+    e = env(**extra)
+
+    t = time.time()
+    sh(["dvc", "repro", "validate"], project, env=env())          # the parent: prepared data (make repro's first part)
+    sh(["git", "add", "-A"], project)
+    sh(["git", "-c", "user.name=b", "-c", "user.email=b@e", "commit", "-qm", "prepared"], project)
+    prepare_s = time.time() - t
+
+    exp = Experiment("strong", 1.0, a.seed, (a.method,), ("baseline", "augself"))
+    study_overrides = {"ssl.epochs": a.epochs}
+    cmd = dvc_queue_command(exp, {**study_overrides, "ssl.threads": 1})
+    t = time.time()
+    sh(cmd, project, env=e)
+    queue_cmd_s = time.time() - t
+
+    exps = project / ".dvc" / "tmp" / "exps"
+    t_start = time.time()
+    sh(["dvc", "queue", "start", "-j", "1"], project, env=e)
+    t_queue_started = time.time()
+    seen: dict[str, float] = {}
+    gone: dict[str, float] = {}
+    ref_at = None
+    while True:
+        now = time.time()
+        present = {p.name for p in exps.glob("tmp*")} if exps.exists() else set()
+        for n in present - seen.keys():
+            seen[n] = now
+        for n in seen.keys() - present - gone.keys():
+            gone[n] = now
+        if ref_at is None and sh(["git", "for-each-ref", "refs/exps/"], project).stdout.strip():
+            ref_at = now
+        if ref_at is not None and seen and len(gone) == len(seen):
+            break
+        if now - t_start > 3 * 3600:
+            raise SystemExit("the experiment did not finish in 3 h")
+        time.sleep(0.25)
+    t_end = time.time()
+    status = sh(["dvc", "queue", "status"], project, env=env()).stdout
+    if "Success" not in status:
+        logs = subprocess.run(["dvc", "queue", "logs", exp.name], cwd=project, env=env(), capture_output=True,
+                              text=True).stdout
+        raise SystemExit(f"experiment did not succeed:\n{status}\n{logs[-4000:]}")
+
+    # The ledger export, as stages.study does it after each experiment (in a running process).
+    t = time.time()
+    from pipeline.study.ledger import export_finished   # noqa: E402  (import cost counted apart)
+    import_ledger_s = time.time() - t
+    keys = exp.models()
+    study = Study("bench", [a.seed], [Block("b", [a.method], ["baseline", "augself"], [1.0], ["strong"])],
+                  overrides=study_overrides)
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        for k in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+            os.environ.pop(k, None)
+        t = time.time()
+        written = export_finished(study, keys, ledger=project / "ledger")
+        export_s = time.time() - t
+        # What `stages.study run` pays every 30 s while its workers train: an export over models still
+        # running (a store query per config group; none finished) and two `dvc queue status` calls.
+        waiting = [ModelKey(k.method, k.variant, k.lam, k.strength, k.seed + 100) for k in keys]
+        t = time.time()
+        export_finished(study, waiting, ledger=project / "ledger")
+        poll_export_s = time.time() - t
+        t = time.time()
+        sh(["dvc", "queue", "status"], project, env=env())
+        queue_status_s = time.time() - t
+    finally:
+        os.chdir(cwd)
+    if len(written) != len(keys):
+        raise SystemExit(f"ledger export wrote {written}, expected {[k.name for k in keys]}")
+
+    records = [json.loads(line) for line in stage_log.read_text().splitlines()]
+    records.sort(key=lambda r: r["t_process"])
+    workspace = min(seen.values()) if seen else t_queue_started
+    rows = []
+    prev_end = None
+    for r in records:
+        name = " ".join(r["argv"][:1] + [x for x in r["argv"][1:] if not x.startswith("--")])
+        rows.append({"stage": name,
+                     "gap_before_s": round(r["t_process"] - prev_end, 2) if prev_end else None,
+                     "start_imports_s": round(r["t_main"] - r["t_process"], 2),
+                     "params_s": round(r["t_work"] - r["t_main"], 2),
+                     "work_s": round(r["t_work_end"] - r["t_work"], 2),
+                     "atexit_s": round(r["t_exit"] - r["t_work_end"], 2)})
+        prev_end = r["t_exit"]
+    first, last = records[0], records[-1]
+    summary = {
+        "experiment_wall_s": round(t_end - t_start, 1),
+        "queue_start_cmd_s": round(t_queue_started - t_start, 2),
+        "until_workspace_s": round(workspace - t_start, 2),
+        "workspace_to_first_stage_s": round(first["t_process"] - workspace, 2),
+        "after_last_stage_s": round(max(gone.values()) - last["t_exit"], 2),
+        "stage_processes_s": round(sum(r["t_exit"] - r["t_process"] for r in records), 1),
+        "start_imports_s": round(sum(r["t_main"] - r["t_process"] for r in records), 1),
+        "params_s": round(sum(r["t_work"] - r["t_main"] for r in records), 1),
+        "work_s": round(sum(r["t_work_end"] - r["t_work"] for r in records), 1),
+        "atexit_s": round(sum(r["t_exit"] - r["t_work_end"] for r in records), 1),
+        "between_stages_s": round(sum(x["gap_before_s"] for x in rows if x["gap_before_s"] is not None), 1),
+        "ledger_export_s": round(export_s, 2),
+        "ledger_import_s": round(import_ledger_s, 2),
+        "poll_export_s": round(poll_export_s, 2),
+        "poll_queue_status_s": round(queue_status_s, 2),
+        "queue_cmd_s": round(queue_cmd_s, 2),
+        "parent_prepare_s": round(prepare_s, 1),
+    }
+    result = {"label": a.label, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "host": platform.node(),
+                          "python": platform.python_version()},
+              "experiment": {"command": cmd, "epochs": a.epochs, "models": [k.name for k in keys]},
+              "summary": summary, "stages": rows,
+              "profile": profile_split(prof_dir) if a.profile else {},
+              "imports": import_times(project)}
+    print(f"experiment {exp.name}: {a.epochs} epoch(s), 2 models, one queue worker, ssl.threads=1")
+    print(f"{'stage':32s} {'gap':>6s} {'start+imp':>9s} {'params':>6s} {'work':>8s} {'atexit':>6s}")
+    for x in rows:
+        gap = "" if x["gap_before_s"] is None else f"{x['gap_before_s']:.2f}"
+        print(f"{x['stage']:32s} {gap:>6s} {x['start_imports_s']:9.2f} {x['params_s']:6.2f} {x['work_s']:8.2f} "
+              f"{x['atexit_s']:6.2f}")
+    for k, v in summary.items():
+        print(f"  {k:28s} {v}")
+    for k, v in result["profile"].items():
+        print(f"  profile {k}: {v}")
+    for k, v in result["imports"].items():
+        print(f"  imports stages.{k}: {v}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(a.out.read_text()) if a.out.exists() else {}
+    old[a.label or "latest"] = result
+    a.out.write_text(json.dumps(old, indent=1) + "\n")
+    print(f"→ {a.out} [{a.label or 'latest'}]")
+    if a.keep is None:
+        shutil.rmtree(project, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
