@@ -338,7 +338,7 @@ def run_report(params: Params, models_dir: Path, metrics_dir: Path, out_dir: Pat
     # Speed is machine-local: a rerun that reproduces every model still measures other images/s, so the
     # committed report leaves it out (issue 17); it is in MLflow (pretrain/images_per_s) and in the
     # study's cost table, measured once per study model (reports/study/).
-    from pipeline.train import TIMING_KEYS
+    from pipeline.checkpoint import TIMING_KEYS
 
     runs = runs.drop(columns=[c for c in TIMING_KEYS if c in runs.columns])
     context = {
