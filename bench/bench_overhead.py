@@ -74,44 +74,129 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
+# (file, function) whose cumulative seconds the profile split reports, per stage process.  Nested ones
+# overlap (log_metrics is called inside pretrain through on_log): the docs' table composes them by hand.
+PROFILED = {
+    "pretrain": ("pipeline/train.py", "pretrain"),
+    "train_setup": ("pipeline/train.py", "_setup"),
+    "train_place": ("pipeline/train.py", "_place"),
+    "train_finish": ("pipeline/train.py", "_finish"),
+    "checkpoints": ("pipeline/train.py", "_save_checkpoint"),
+    "knn_monitor": ("pipeline/train.py", "_monitor"),
+    "pretrain_images": ("pipeline/data/prepared.py", "pretrain_images"),
+    "monitor_data": ("pipeline/workflow.py", "monitor_data"),
+    "mlflow_start_run": ("pipeline/tracking.py", "start_model_run"),
+    "mlflow_log_metrics": ("pipeline/tracking.py", "log_metrics"),
+    "mlflow_log_datasets": ("pipeline/tracking.py", "log_datasets"),
+    "mlflow_system_metrics": ("pipeline/tracking.py", "start_system_metrics"),
+    "mlflow_end_run": ("pipeline/tracking.py", "end_run"),
+    "mlflow_log_artifact": ("pipeline/tracking.py", "log_artifact"),
+    "mlflow_logged_model": ("pipeline/tracking.py", "log_backbone"),
+    "mlflow_eval_logging": ("pipeline/workflow.py", "_log_to_model_run"),
+    "load_backbone": ("pipeline/workflow.py", "_load_model"),
+    "load_features": ("pipeline/workflow.py", "_features"),
+    "extract_features": ("pipeline/evaluate/features.py", "extract_features"),
+    "linear_probe": ("pipeline/evaluate/linear.py", "linear_probe"),
+    "fewshot_eval": ("pipeline/evaluate/fewshot.py", "fewshot_eval"),
+    "augmentation_probe": ("pipeline/evaluate/probe.py", "augmentation_probe"),
+    "write_items": ("pipeline/workflow.py", "_write_items"),
+    "check_fewshot_feasible": ("pipeline/workflow.py", "check_fewshot_feasible"),
+    "collect_results": ("pipeline/tracking.py", "collect_results"),
+    "build_report": ("pipeline/report/__init__.py", "build_report"),
+}
+
+
 def profile_split(prof_dir: Path) -> dict[str, dict[str, float]]:
-    """Per stage process (profile file): seconds in MLflow (Tracker methods, cumulative), in the
-    LoggedModel export, in the pretraining loop and its kNN monitor."""
-    wanted = {
-        "mlflow": ("pipeline/tracking.py", None),
-        "logged_model": ("pipeline/tracking.py", "log_backbone"),
-        "system_metrics": ("pipeline/tracking.py", "start_system_metrics"),
-        "pretrain_loop": ("pipeline/train.py", "pretrain"),
-        "knn_monitor": ("pipeline/monitor.py", None),
-        "load_features": ("pipeline/workflow.py", "_features"),
-        "load_backbone": ("pipeline/workflow.py", "_load_model"),
-        "extract_features": ("pipeline/evaluate/features.py", "extract_features"),
-        "linear_probe": ("pipeline/evaluate/linear.py", "linear_probe"),
-        "fewshot_eval": ("pipeline/evaluate/fewshot.py", "fewshot_eval"),
-        "augmentation_probe": ("pipeline/evaluate/probe.py", "augmentation_probe"),
-        "build_report": ("pipeline/report", "build_report"),
-        "collect_results": ("pipeline/tracking.py", "collect_results"),
-    }
+    """Per stage process (profile file): cumulative seconds of each PROFILED function it called."""
     out = {}
     for f in sorted(prof_dir.glob("*.prof")):
         st = pstats.Stats(str(f))
         split: dict[str, float] = {}
-        for (path, _line, func), (_cc, _nc, _tt, ct, callers) in st.stats.items():
-            for key, (where, name) in wanted.items():
-                if where not in path:
-                    continue
-                if name is None:
-                    # top-level entries of that file only: callers outside it (no double counting)
-                    if key == "mlflow" and not any(c[0].endswith("pipeline/tracking.py") for c in callers) \
-                            and func not in ("<module>",):
-                        if any("pipeline/tracking.py" not in c[0] for c in callers):
-                            split[key] = split.get(key, 0.0) + ct
-                    elif key == "knn_monitor" and func == "evaluate":
-                        split[key] = split.get(key, 0.0) + ct
-                elif func == name:
-                    split[key] = max(split.get(key, 0.0), ct)
+        for (path, _line, func), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
+            for key, (where, name) in PROFILED.items():
+                if path.endswith(where) and func == name:
+                    split[key] = split.get(key, 0.0) + ct
         out[f.stem] = {k: round(v, 2) for k, v in split.items()}
     return out
+
+
+def _p(prof: dict, *keys: str) -> float:
+    return sum(prof.get(k, 0.0) for k in keys)
+
+
+MLFLOW_PRETRAIN = ("mlflow_start_run", "mlflow_log_metrics", "mlflow_log_datasets", "mlflow_system_metrics",
+                   "mlflow_end_run", "mlflow_log_artifact")
+
+
+def breakdown(result: dict) -> dict[str, float]:
+    """Seconds of one experiment by part, from the stage timestamps and (for the work) the profiles.
+
+    Parts of a stage's work that no profiled function covers go to ``other work`` (file writes, data
+    loading, argument checks).  ``pretraining`` is the training loop: the ``pretrain`` function less its
+    set-up, placement, finish, checkpoints, kNN monitor and in-loop MLflow logging (all of
+    ``log_metrics`` is taken out, a few ms of it the summary after the loop)."""
+    s, prof = result["summary"], result.get("profile", {})
+    parts: dict[str, float] = {
+        "queue + temp workspace set-up": s["until_workspace_s"] + s["workspace_to_first_stage_s"],
+        "DVC between stages (+ interpreter exit)": s["between_stages_s"],
+        "DVC after the last stage (exp commit, clean-up)": s["after_last_stage_s"],
+        "python start + imports + params": s["start_imports_s"] + s["params_s"],
+        "exit: waiting for threads": s["atexit_s"],
+    }
+
+    def add(key: str, v: float) -> None:
+        parts[key] = parts.get(key, 0.0) + v
+
+    for row in result["stages"]:
+        pr = prof.get(row.get("profile", "")) or next(
+            (v for k, v in prof.items() if k.startswith(row["stage"].replace(" ", "-") + "-")), {})
+        work, kind = row["work_s"], row["stage"].split()[0]
+        if kind == "pretrain":
+            loop = _p(pr, "pretrain") - _p(pr, "train_setup", "train_place", "train_finish", "checkpoints",
+                                           "knn_monitor", "mlflow_log_metrics")
+            covered = {"pretraining (training loop)": loop, "kNN monitor (in pretraining)": _p(pr, "knn_monitor"),
+                       "checkpoints (in pretraining)": _p(pr, "checkpoints"),
+                       "pretrain set-up/finish (data, model, final.pt)":
+                           _p(pr, "train_setup", "train_place", "train_finish", "pretrain_images", "monitor_data"),
+                       "MLflow: run, metrics, datasets, artifacts": _p(pr, *MLFLOW_PRETRAIN),
+                       "MLflow: LoggedModel export": _p(pr, "mlflow_logged_model")}
+        elif kind == "evaluate":
+            step = row["stage"].split()[1]
+            fit = {"features": "extract_features", "linear": "linear_probe", "fewshot": "fewshot_eval",
+                   "probe": "augmentation_probe"}[step]
+            covered = {f"{step}: {fit}": _p(pr, fit),
+                       "MLflow: evaluation logging": _p(pr, "mlflow_eval_logging"),
+                       "loading features / backbone": _p(pr, "load_features", "load_backbone")}
+        else:
+            covered = {f"{kind} stage": work}
+        for k, v in covered.items():
+            add(k, v)
+        if pr or kind in ("pretrain", "evaluate"):
+            add("other work", work - sum(covered.values()))
+    add("ledger export", s["ledger_export_s"])
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
+PRETRAINING = ("pretraining (training loop)",)
+
+
+def print_table(results: dict[str, dict], models: int = 2) -> None:
+    """Per model (an experiment trains ``models``), every labelled measurement side by side."""
+    labels = list(results)
+    bds = {lab: breakdown(results[lab]) for lab in labels}
+    keys = list(dict.fromkeys(k for lab in labels for k in bds[lab]))
+    print(f"{'seconds per model':50s}" + "".join(f" {lab[:22]:>22s}" for lab in labels))
+    for k in keys:
+        print(f"{k:50s}" + "".join(f" {bds[lab].get(k, 0.0) / models:22.1f}" for lab in labels))
+    totals = {lab: sum(bds[lab].values()) for lab in labels}
+    print(f"{'total (sum of parts)':50s}" + "".join(f" {totals[lab] / models:22.1f}" for lab in labels))
+    print(f"{'experiment wall / models':50s}" + "".join(
+        f" {results[lab]['summary']['experiment_wall_s'] / models:22.1f}" for lab in labels))
+    share = {lab: sum(bds[lab].get(k, 0.0) for k in PRETRAINING) / totals[lab] for lab in labels}
+    print(f"{'pretraining share':50s}" + "".join(f" {100 * share[lab]:21.1f}%" for lab in labels))
+    print(f"{'epochs / load average before':50s}" + "".join(
+        f" {str(results[lab]['experiment']['epochs']) + ' / ' + str(round(results[lab]['machine']['load_before'][0], 1)):>22s}"
+        for lab in labels))
 
 
 def import_times(project: Path) -> dict[str, dict[str, float]]:
@@ -145,7 +230,11 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="build the project here and keep it")
     ap.add_argument("--label", default="", help="a name for this measurement in the JSON (e.g. before/after)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/overhead-cpu.json")
+    ap.add_argument("--table", action="store_true", help="only print the table of every measurement in --out")
     a = ap.parse_args()
+    if a.table:
+        print_table(json.loads(a.out.read_text()))
+        return 0
 
     from pipeline.study.plan import Experiment, ModelKey, Study, Block, dvc_queue_command
 
@@ -168,6 +257,10 @@ def main() -> int:
     sh(["git", "add", "-A"], project)
     sh(["git", "-c", "user.name=b", "-c", "user.email=b@e", "commit", "-qm", "prepared"], project)
     prepare_s = time.time() - t
+    # The study's store exists before its first experiment (`make study` runs `make repro` first): create
+    # it here, so the first stage does not pay MLflow's table creation and migrations (≈ 13 s at load 15).
+    sh([sys.executable, "-c", "from mlflow.tracking import MlflowClient; "
+        f"MlflowClient('sqlite:///{project / 'mlflow.db'}').search_experiments()"], project, env=env())
 
     exp = Experiment("strong", 1.0, a.seed, (a.method,), ("baseline", "augself"))
     study_overrides = {"ssl.epochs": a.epochs}
@@ -194,6 +287,9 @@ def main() -> int:
             ref_at = now
         if ref_at is not None and seen and len(gone) == len(seen):
             break
+        if seen and len(gone) == len(seen) and now - max(gone.values()) > 20:
+            break                                 # workspace gone without an experiment ref: failed
+
         if now - t_start > 3 * 3600:
             raise SystemExit("the experiment did not finish in 3 h")
         time.sleep(0.25)
@@ -240,7 +336,7 @@ def main() -> int:
     prev_end = None
     for r in records:
         name = " ".join(r["argv"][:1] + [x for x in r["argv"][1:] if not x.startswith("--")])
-        rows.append({"stage": name,
+        rows.append({"stage": name, "profile": "-".join([*r["argv"], str(r["pid"])]).replace("/", "_"),
                      "gap_before_s": round(r["t_process"] - prev_end, 2) if prev_end else None,
                      "start_imports_s": round(r["t_main"] - r["t_process"], 2),
                      "params_s": round(r["t_work"] - r["t_main"], 2),
@@ -290,6 +386,7 @@ def main() -> int:
     old = json.loads(a.out.read_text()) if a.out.exists() else {}
     old[a.label or "latest"] = result
     a.out.write_text(json.dumps(old, indent=1) + "\n")
+    print_table(old)
     print(f"→ {a.out} [{a.label or 'latest'}]")
     if a.keep is None:
         shutil.rmtree(project, ignore_errors=True)
