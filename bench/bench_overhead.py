@@ -120,6 +120,37 @@ def profile_split(prof_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def stage_rows(stage_log: Path) -> tuple[list[dict], list[dict]]:
+    """The stage records of a stage log in start order, and one timing row per stage process."""
+    records = [json.loads(line) for line in stage_log.read_text().splitlines()]
+    records.sort(key=lambda r: r["t_process"])
+    rows, prev_end = [], None
+    for r in records:
+        name = " ".join(r["argv"][:1] + [x for x in r["argv"][1:] if not x.startswith("--")])
+        rows.append({"stage": name, "profile": "-".join([*r["argv"], str(r["pid"])]).replace("/", "_"),
+                     "gap_before_s": round(r["t_process"] - prev_end, 2) if prev_end else None,
+                     "start_imports_s": round(r["t_main"] - r["t_process"], 2),
+                     "params_s": round(r["t_work"] - r["t_main"], 2),
+                     "work_s": round(r["t_work_end"] - r["t_work"], 2),
+                     "atexit_s": round(r["t_exit"] - r["t_work_end"], 2)})
+        prev_end = r["t_exit"]
+    return records, rows
+
+
+def from_log(stage_log: Path, prof_dir: Path, epochs: int, load: float) -> dict:
+    """A result from a stage log (and its profiles) alone: an experiment cut short, or whose queue
+    timings were not taken.  Queue set-up, the time after the last stage and the ledger export are
+    absent (0 in the table), so its total covers the stages that ran."""
+    _, rows = stage_rows(stage_log)
+    summary = {"until_workspace_s": 0.0, "workspace_to_first_stage_s": 0.0, "after_last_stage_s": 0.0,
+               "ledger_export_s": 0.0, "experiment_wall_s": 0.0,
+               "between_stages_s": sum(r["gap_before_s"] or 0.0 for r in rows),
+               **{k: sum(r[k] for r in rows) for k in ("start_imports_s", "params_s", "work_s", "atexit_s")}}
+    return {"label": "", "partial": [r["stage"] for r in rows], "summary": summary, "stages": rows,
+            "profile": profile_split(prof_dir) if prof_dir.exists() else {},
+            "experiment": {"epochs": epochs}, "machine": {"load_before": [load]}}
+
+
 def _p(prof: dict, *keys: str) -> float:
     return sum(prof.get(k, 0.0) for k in keys)
 
@@ -180,23 +211,29 @@ def breakdown(result: dict) -> dict[str, float]:
 PRETRAINING = ("pretraining (training loop)",)
 
 
-def print_table(results: dict[str, dict], models: int = 2) -> None:
+def print_table(results: dict[str, dict], models: int = 2, markdown: bool = False) -> None:
     """Per model (an experiment trains ``models``), every labelled measurement side by side."""
     labels = list(results)
     bds = {lab: breakdown(results[lab]) for lab in labels}
     keys = list(dict.fromkeys(k for lab in labels for k in bds[lab]))
-    print(f"{'seconds per model':50s}" + "".join(f" {lab[:22]:>22s}" for lab in labels))
-    for k in keys:
-        print(f"{k:50s}" + "".join(f" {bds[lab].get(k, 0.0) / models:22.1f}" for lab in labels))
     totals = {lab: sum(bds[lab].values()) for lab in labels}
-    print(f"{'total (sum of parts)':50s}" + "".join(f" {totals[lab] / models:22.1f}" for lab in labels))
-    print(f"{'experiment wall / models':50s}" + "".join(
-        f" {results[lab]['summary']['experiment_wall_s'] / models:22.1f}" for lab in labels))
     share = {lab: sum(bds[lab].get(k, 0.0) for k in PRETRAINING) / totals[lab] for lab in labels}
-    print(f"{'pretraining share':50s}" + "".join(f" {100 * share[lab]:21.1f}%" for lab in labels))
-    print(f"{'epochs / load average before':50s}" + "".join(
-        f" {str(results[lab]['experiment']['epochs']) + ' / ' + str(round(results[lab]['machine']['load_before'][0], 1)):>22s}"
-        for lab in labels))
+    rows = [(k, [f"{bds[lab].get(k, 0.0) / models:.1f}" for lab in labels]) for k in keys]
+    rows += [("**total (sum of parts)**", [f"**{totals[lab] / models:.1f}**" for lab in labels]),
+             ("experiment wall / models", [f"{results[lab]['summary']['experiment_wall_s'] / models:.1f}"
+                                           for lab in labels]),
+             ("**pretraining share**", [f"**{100 * share[lab]:.1f} %**" for lab in labels]),
+             ("epochs / load average at start", [f"{results[lab]['experiment']['epochs']} / "
+                                                 f"{results[lab]['machine']['load_before'][0]:.1f}" for lab in labels])]
+    if markdown:
+        print("| seconds per model | " + " | ".join(labels) + " |")
+        print("|---|" + "---:|" * len(labels))
+        for k, vals in rows:
+            print(f"| {k} | " + " | ".join(vals) + " |")
+        return
+    print(f"{'seconds per model':50s}" + "".join(f" {lab[:22]:>22s}" for lab in labels))
+    for k, vals in rows:
+        print(f"{k.replace('**', ''):50s}" + "".join(f" {v.replace('**', ''):>22s}" for v in vals))
 
 
 def import_times(project: Path) -> dict[str, dict[str, float]]:
@@ -231,9 +268,21 @@ def main() -> int:
     ap.add_argument("--label", default="", help="a name for this measurement in the JSON (e.g. before/after)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/overhead-cpu.json")
     ap.add_argument("--table", action="store_true", help="only print the table of every measurement in --out")
+    ap.add_argument("--markdown", action="store_true", help="with --table: as a markdown table (docs)")
+    ap.add_argument("--from-log", type=Path, default=None, metavar="STAGES.jsonl",
+                    help="add --label to --out from a stage log (+ its -prof folder) of a run cut short")
+    ap.add_argument("--load", type=float, default=float("nan"), help="with --from-log: the load average it ran at")
     a = ap.parse_args()
+    if a.from_log is not None:
+        old = json.loads(a.out.read_text()) if a.out.exists() else {}
+        prof = a.from_log.with_name(a.from_log.name.replace("-stages.jsonl", "-prof"))
+        old[a.label or "latest"] = {**from_log(a.from_log, prof, a.epochs, a.load), "label": a.label,
+                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(old, indent=1) + "\n")
+        a.table = True
     if a.table:
-        print_table(json.loads(a.out.read_text()))
+        print_table(json.loads(a.out.read_text()), markdown=a.markdown)
         return 0
 
     from pipeline.study.plan import Experiment, ModelKey, Study, Block, dvc_queue_command
@@ -329,20 +378,7 @@ def main() -> int:
     if len(written) != len(keys):
         raise SystemExit(f"ledger export wrote {written}, expected {[k.name for k in keys]}")
 
-    records = [json.loads(line) for line in stage_log.read_text().splitlines()]
-    records.sort(key=lambda r: r["t_process"])
-    workspace = min(seen.values()) if seen else t_queue_started
-    rows = []
-    prev_end = None
-    for r in records:
-        name = " ".join(r["argv"][:1] + [x for x in r["argv"][1:] if not x.startswith("--")])
-        rows.append({"stage": name, "profile": "-".join([*r["argv"], str(r["pid"])]).replace("/", "_"),
-                     "gap_before_s": round(r["t_process"] - prev_end, 2) if prev_end else None,
-                     "start_imports_s": round(r["t_main"] - r["t_process"], 2),
-                     "params_s": round(r["t_work"] - r["t_main"], 2),
-                     "work_s": round(r["t_work_end"] - r["t_work"], 2),
-                     "atexit_s": round(r["t_exit"] - r["t_work_end"], 2)})
-        prev_end = r["t_exit"]
+    records, rows = stage_rows(stage_log)
     first, last = records[0], records[-1]
     summary = {
         "experiment_wall_s": round(t_end - t_start, 1),
