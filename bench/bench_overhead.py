@@ -137,11 +137,13 @@ def stage_rows(stage_log: Path) -> tuple[list[dict], list[dict]]:
     return records, rows
 
 
-def from_log(stage_log: Path, prof_dir: Path, epochs: int, load: float) -> dict:
+def from_log(stage_log: Path, prof_dir: Path, epochs: int, load: float, only: list[str] | None = None) -> dict:
     """A result from a stage log (and its profiles) alone: an experiment cut short, or whose queue
     timings were not taken.  Queue set-up, the time after the last stage and the ledger export are
     absent (0 in the table), so its total covers the stages that ran."""
     _, rows = stage_rows(stage_log)
+    if only is not None:
+        rows = [r for r in rows if r["stage"] in only]
     summary = {"until_workspace_s": 0.0, "workspace_to_first_stage_s": 0.0, "after_last_stage_s": 0.0,
                "ledger_export_s": 0.0, "experiment_wall_s": 0.0,
                "between_stages_s": sum(r["gap_before_s"] or 0.0 for r in rows),
@@ -271,18 +273,22 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="with --table: as a markdown table (docs)")
     ap.add_argument("--from-log", type=Path, default=None, metavar="STAGES.jsonl",
                     help="add --label to --out from a stage log (+ its -prof folder) of a run cut short")
+    ap.add_argument("--models", type=int, default=2, help="with --table: divide by this many models")
+    ap.add_argument("--stages", default=None, help="with --from-log: only these stage processes (comma list, "
+                    "e.g. 'validate,pretrain simclr baseline'), to compare runs over the stages both finished")
     ap.add_argument("--load", type=float, default=float("nan"), help="with --from-log: the load average it ran at")
     a = ap.parse_args()
     if a.from_log is not None:
         old = json.loads(a.out.read_text()) if a.out.exists() else {}
         prof = a.from_log.with_name(a.from_log.name.replace("-stages.jsonl", "-prof"))
-        old[a.label or "latest"] = {**from_log(a.from_log, prof, a.epochs, a.load), "label": a.label,
+        only = a.stages.split(",") if a.stages else None
+        old[a.label or "latest"] = {**from_log(a.from_log, prof, a.epochs, a.load, only), "label": a.label,
                                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(old, indent=1) + "\n")
         a.table = True
     if a.table:
-        print_table(json.loads(a.out.read_text()), markdown=a.markdown)
+        print_table(json.loads(a.out.read_text()), models=a.models, markdown=a.markdown)
         return 0
 
     from pipeline.study.plan import Experiment, ModelKey, Study, Block, dvc_queue_command
