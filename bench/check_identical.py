@@ -5,7 +5,7 @@ the git revision ``--against`` (default: main), one from this working tree (trac
 runs ``dvc repro`` in each (CPU, one thread), and compares the sha256 of every model, feature and
 metric file the pipeline writes.  Prints one row per file; exits 1 when any differs or is missing.
 
-    python bench/check_identical.py                      # main vs the working tree
+    python bench/check_identical.py                      # this branch's base (merge-base with main) vs the working tree
     python bench/check_identical.py --against HEAD~3 --keep /tmp/ident
 
 A speed-up that is meant to leave results alone (lazy imports, fewer processes, cheaper bookkeeping)
@@ -79,9 +79,14 @@ def digests(project: Path) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--against", default="main", help="git revision of the reference code (default: main)")
+    ap.add_argument("--against", default=None,
+                    help="git revision of the reference code (default: where this branch left main, "
+                         "`git merge-base main HEAD`)")
     ap.add_argument("--keep", type=Path, default=None, help="build both projects under this folder and keep them")
     a = ap.parse_args()
+    if a.against is None:
+        a.against = subprocess.run(["git", "merge-base", "main", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                   check=True).stdout.strip()
     base = a.keep or Path(tempfile.mkdtemp(prefix="augself-identical-"))
     sides = {"reference": base / "reference", "working-tree": base / "working-tree"}
     export_tree(a.against, sides["reference"])

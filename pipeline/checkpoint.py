@@ -30,23 +30,13 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
-# Every stage imports this module (pipeline.cli: write_json); torch is imported where a checkpoint is
-# written or read, so the stages that never touch one (validate, report) do not pay torch's import (issue 23
-# item 2: seconds per stage process on the 2-core CPU).
-
-# The machine-local speed metrics of a pretraining run (timing.json, not metrics.json; left out of the
-# committed report).  pipeline.train re-exports them; defined here so the report reads them without torch.
-TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s", "pretrain/monitor_s")
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temp file in the same directory + ``os.replace``)."""
-    import torch
-
     return _write_atomic(path, lambda f: torch.save(obj, f))
 
 
@@ -99,8 +89,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     that is not a torch checkpoint at all; every message names the file and the fix.  The stages turn
     a ValueError into one ``error:`` line and exit status 2.
     """
-    import torch
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found; run the pretrain stage first")

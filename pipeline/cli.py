@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.checkpoint import write_json  # noqa: F401  (the stages' JSON writer: one atomic helper)
 from pipeline.config import ConfigError
 from pipeline.params import Params, load_params
 
@@ -27,6 +26,16 @@ EXIT_TRAINING_FAILED = 3
 # STAGE_PROFILE_ENV set as well, the work runs under cProfile, dumped into that folder.  Off: nothing.
 STAGE_LOG_ENV = "AUGSELF_STAGE_LOG"
 STAGE_PROFILE_ENV = "AUGSELF_STAGE_PROFILE"
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """The stages' JSON writer: :func:`pipeline.checkpoint.write_json` (one atomic helper), imported when
+    called: pipeline.checkpoint imports torch, and a stage that writes no JSON (validate, report) should
+    not pay that import (issue 23 item 2).  pipeline.checkpoint itself is left as it is: it is training
+    code (pipeline.train.TRAINING_CODE), and an edit there changes every final.pt's params hash."""
+    from pipeline.checkpoint import write_json as write
+
+    return write(path, data)
 
 
 def _process_start() -> float | None:

@@ -113,7 +113,7 @@ __all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "ch
 
 CHECKPOINT, FINAL, METRICS, LOSSES, TIMING = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv", "timing.json"
 TIMING_CSV, MONITOR = "timing.csv", "monitor.csv"
-TIMING_KEYS = ckpt_io.TIMING_KEYS   # defined without torch there: the report stage reads it
+TIMING_KEYS = ("pretrain/images_per_s", "pretrain/wall_time_s", "pretrain/monitor_s")
 NAN_ENV = "AUGSELF_INJECT_NAN"   # test hook, see pretrain(inject_nan=...)
 _CKPT_VERSION = 1
 # ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed):

@@ -23,3 +23,21 @@ def test_study_experiments_run_the_evaluations_not_the_report():
     cmd = dvc_queue_command(e)
     targets = [a for a in cmd[cmd.index("-n") + 2:] if a != "-S" and "=" not in a]
     assert targets == ["linear", "fewshot", "probe"]
+
+
+def test_report_leaves_out_the_timing_keys_of_training():
+    from pipeline.train import TIMING_KEYS
+    from pipeline.workflow import REPORT_LEAVES_OUT
+
+    assert tuple(REPORT_LEAVES_OUT) == tuple(TIMING_KEYS)
+
+
+def test_training_code_is_untouched_by_the_lazy_imports():
+    # pipeline.checkpoint is training code (its source is in every final.pt's params hash): it keeps its
+    # own top-level torch import, and the stages reach write_json through pipeline.cli's lazy wrapper.
+    from pipeline.train import TRAINING_CODE
+
+    assert "checkpoint.py" in TRAINING_CODE
+    import pipeline.cli as cli
+
+    assert cli.write_json.__module__ == "pipeline.cli"
