@@ -10,20 +10,86 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.checkpoint import write_json  # noqa: F401  (the stages' JSON writer: one atomic helper)
 from pipeline.config import ConfigError
 from pipeline.params import Params, load_params
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 
+# bench/bench_overhead.py (issue 23 item 2): where a stage process's wall time goes.  When set, each stage
+# appends one JSON line to this file: the process's start (from /proc), the moment its entry point runs
+# (after the interpreter and the imports), the end of its work and the interpreter's exit (atexit); with
+# STAGE_PROFILE_ENV set as well, the work runs under cProfile, dumped into that folder.  Off: nothing.
+STAGE_LOG_ENV = "AUGSELF_STAGE_LOG"
+STAGE_PROFILE_ENV = "AUGSELF_STAGE_PROFILE"
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """The stages' JSON writer: :func:`pipeline.checkpoint.write_json` (one atomic helper), imported when
+    called: pipeline.checkpoint imports torch, and a stage that writes no JSON (validate, report) should
+    not pay that import (issue 23 item 2).  pipeline.checkpoint itself is left as it is: it is training
+    code (pipeline.train.TRAINING_CODE), and an edit there changes every final.pt's params hash."""
+    from pipeline.checkpoint import write_json as write
+
+    return write(path, data)
+
+
+def _process_start() -> float | None:
+    """This process's start in epoch seconds (Linux: /proc; None elsewhere), 10 ms resolution."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+
+
+def _timed(fn: Callable[[], None], argv: list[str], t_main: float) -> None:
+    """Run ``fn``; with STAGE_LOG_ENV set, log its timestamps (and profile it under STAGE_PROFILE_ENV)."""
+    log = os.environ.get(STAGE_LOG_ENV)
+    if not log:
+        fn()
+        return
+    import atexit
+    import json
+
+    record = {"argv": [Path(sys.argv[0]).stem if sys.argv else "", *argv], "pid": os.getpid(),
+              "cwd": os.getcwd(), "t_process": _process_start(), "t_main": t_main,
+              "t_work": time.time()}
+
+    def write(**more) -> None:
+        with open(log, "a") as f:
+            f.write(json.dumps({**record, **more}) + "\n")
+
+    profile_dir = os.environ.get(STAGE_PROFILE_ENV)
+    prof = None
+    if profile_dir:
+        import cProfile
+
+        prof = cProfile.Profile()
+    try:
+        if prof is not None:
+            prof.runcall(fn)
+        else:
+            fn()
+    finally:
+        record["t_work_end"] = time.time()
+        if prof is not None:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            name = "-".join([*record["argv"], str(os.getpid())]).replace("/", "_")
+            prof.dump_stats(str(Path(profile_dir) / f"{name}.prof"))
+        atexit.register(lambda: write(t_exit=time.time()))
+
 
 def stage(description: str, positional: tuple[str, ...] = ()) -> Callable:
     def wrap(fn: Callable[[Params, argparse.Namespace], None]) -> Callable[[list[str] | None], int]:
         def main(argv: list[str] | None = None) -> int:
+            t_main = time.time()
             parser = argparse.ArgumentParser(description=description)
             for name in positional:
                 parser.add_argument(name)
@@ -32,7 +98,7 @@ def stage(description: str, positional: tuple[str, ...] = ()) -> Callable:
             try:
                 params = load_params(args.params)
                 check_dataset_entries(params)
-                fn(params, args)
+                _timed(lambda: fn(params, args), list(argv if argv is not None else sys.argv[1:]), t_main)
             except ConfigError as e:
                 print(f"error: {args.params}: {e}", file=sys.stderr)
                 return EXIT_BAD_INPUT

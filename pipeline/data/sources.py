@@ -37,8 +37,28 @@ import numpy as np
 
 from pipeline.data import cfmnist, readers
 from pipeline.data.errors import CorruptDatasetError
-from pipeline.data.images import load_image_file, pil_to_square, resize_batch
 from pipeline.params import DataParams
+
+# pipeline.data.images (torch, torchvision, PIL) is imported where images are decoded or resized, not
+# here: the registry imports this module, and `validate` needs the registry but no image (issue 23 item 2).
+
+
+def resize_batch(*args, **kwargs):
+    from pipeline.data.images import resize_batch
+
+    return resize_batch(*args, **kwargs)
+
+
+def pil_to_square(*args, **kwargs):
+    from pipeline.data.images import pil_to_square
+
+    return pil_to_square(*args, **kwargs)
+
+
+def load_image_file(*args, **kwargs):
+    from pipeline.data.images import load_image_file
+
+    return load_image_file(*args, **kwargs)
 
 # Where Debian-style dataset packages install their files; a module attribute so tests can point it
 # at an empty directory.

@@ -186,15 +186,22 @@ def experiments_for(missing: list[ModelKey], default_lambda: float = 1.0) -> lis
     return out
 
 
+# The stages a study experiment runs: the evaluations of its models and what they depend on (validate,
+# pretrain, features).  Not `report`: the study's report is built from the ledger (reports/study/), and the
+# per-experiment reports/ was written into the experiment's commit and never read: a process that imports
+# pandas, matplotlib and MLflow and queries the store, per experiment (issue 23 item 2).
+STUDY_TARGETS = ("linear", "fewshot", "probe")
+
+
 def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
-    """``dvc exp run --queue -n <name> -S key=value ...`` for one experiment."""
+    """``dvc exp run --queue -n <name> -S key=value ... linear fewshot probe`` for one experiment."""
     import json
 
     argv = ["dvc", "exp", "run", "--queue", "-n", exp.name]
     for k, v in exp.overrides(extra).items():
         value = json.dumps(v, separators=(",", ":")).replace('"', "") if isinstance(v, list) else str(v)
         argv += ["-S", f"{k}={value}"]
-    return argv
+    return argv + list(STUDY_TARGETS)
 
 
 def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
