@@ -24,6 +24,8 @@ prediction**, not to a "good enough" one:
    Newton-CG** (TRON, Lin, Weng & Keerthi 2008, the solver of liblinear): Hessian-vector products
    are two matrix products over one transposed copy of the features (``_LogisticObjective``), the
    inner CG is preconditioned by the Hessian's per-class diagonal blocks (``_BlockPreconditioner``),
+   or, at the weakly regularised end once those prove too weak, by the whole class-coupled Hessian
+   (``_CoupledPreconditioner``),
    and a warm-started fit begins with a full Newton step;
 2. each fit stops when ``‖∇f‖₂ ≤ tol·‖∇f(0)‖₂`` (``eval.linear.tol``, default 1e-9, relative to the
    gradient at θ = 0, which is the same for every w).  Near the minimiser the decrease of ``f``
