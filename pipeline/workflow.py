@@ -18,7 +18,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.checkpoint import write_npz
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.evaluate import ITEM_FILES
@@ -158,6 +157,8 @@ FEWSHOT_ITEMS = ITEM_FILES["fewshot"]        # per episode: accuracy, per datase
 
 def _write_items(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """The per-item results the paired statistics need (pipeline.stats), next to the metrics json."""
+    from pipeline.checkpoint import write_npz   # imports torch: not at module level (validate, report)
+
     return write_npz(path, arrays, compressed=True)
 
 
@@ -200,6 +201,7 @@ def _load_model(params: Params, models_dir: Path, model: str, device: str):
 
 def run_features(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> None:
     """Frozen features of every downstream dataset, once per model (the eval stages read these)."""
+    from pipeline.checkpoint import write_npz
     from pipeline.evaluate.features import extract_features
 
     device = default_device()
