@@ -22,8 +22,9 @@ BACKBONES = ("resnet_small", "resnet18", "resnet50")
 AUGSELF_AUGMENTATIONS = ("crop", "flip", "color", "blur", "rotation", "solarize")
 # The ops of the view pipeline, in the official order (pipeline/augment.py); normalisation always ends it.
 AUGMENT_OPS = ("crop", "flip", "color", "solarize", "grayscale", "blur", "rotation")
-# augment.color_strength: the official ``--color-aug`` scale of the jitter strengths and grayscale_p.
-COLOR_STRENGTHS = {"weak": 0.5, "default": 1.0, "strong": 2.0}
+# augment.color_strength: the official ``--color-aug`` scale of the jitter strengths and grayscale_p, and
+# ``none`` (scale 0: no colour jitter and no grayscale, the premise's control; issue 24).
+COLOR_STRENGTHS = {"none": 0.0, "weak": 0.5, "default": 1.0, "strong": 2.0}
 # Pretraining variants: each has a section of its own in params.yaml (``baseline: {}``, ``augself:``,
 # ``cassle:``) that only its pretrain stages declare.  Adding one: a name here, a section below, a file.
 VARIANTS = ("baseline", "augself", "cassle")
@@ -146,6 +147,10 @@ class AugmentParams:
     The products are capped where the sampling range would leave its domain, as kornia's
     ``ColorJitter`` bounds do (factor ≥ 0: brightness/contrast/saturation ≤ 1; hue ≤ 0.5;
     probability ≤ 1); the caps never bind for the official strengths (0.8, 0.2, 0.4 at ``strong``).
+    ``none`` scales them by 0: no jitter op and no grayscale changes a view, so the views are the ones
+    of ``jitter_p: 0, grayscale_p: 0`` (the premise's control, :mod:`pipeline.study.premise`), bit for
+    bit; the colour ω is 0 (augment.py never divides by a zero strength) and AugSelf's colour target
+    is refused, as for any colour jitter that is off.
     The *effective* values (:meth:`jitter_strengths`, :meth:`effective_grayscale_p`) are what the
     augmentation samples with and what the colour ω is normalised by.
     """
@@ -162,7 +167,7 @@ class AugmentParams:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    color_strength: str = "default"     # weak | default | strong: scales jitter strengths and grayscale_p
+    color_strength: str = "default"     # none | weak | default | strong: scales jitter strengths and grayscale_p
     solarize_p: float = 0.0             # official stl10_sol: 0.5 (threshold ~ U(0, 1))
     rotation_p: float = 0.0             # official stl10_rot: 0.5 (k·90°, k uniform in {0, 1, 2, 3})
     order: list[str] = field(default_factory=lambda: list(AUGMENT_OPS))
@@ -339,10 +344,16 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
     def __post_init__(self):
-        # An AugSelf target needs its augmentation: a view op that is off gives a constant target.
-        for aug in self.augself.augmentations:
+        # An AugSelf target needs its augmentation: a view op that is off gives a constant target.  Checked
+        # when the AugSelf variant trains (a baseline-only run at augment.color_strength: none is valid).
+        for aug in self.augself.augmentations if "augself" in self.variants else []:
             if aug in AUGMENTATION_SWITCH and self.augment.probability(aug) == 0:
                 key = AUGMENTATION_SWITCH[aug]
+                if aug == "color" and self.augment.color_strength == "none":
+                    raise ConfigError("augself.augmentations: 'color' is listed but augment.color_strength is "
+                                      "'none' (no colour jitter), so its target would be constant; remove "
+                                      "'color' from augself.augmentations, train only variants without augself, "
+                                      "or pick another augment.color_strength")
                 raise ConfigError(f"augself.augmentations: {aug!r} is listed but its augmentation is off "
                                   f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
                                   f"so its target would be constant; set {key} > 0 or remove {aug!r} "

@@ -4,7 +4,8 @@ plan    every model of study.yaml, done (in reports/study/runs/) or not, and the
 run     export what MLflow already holds, queue the missing models as `dvc exp run --queue`
         experiments, run the queue, export each model as it finishes, then build reports/study/
 export  copy finished models from MLflow into the ledger (reports/study/runs/)
-report  rebuild reports/study/ from the ledger
+report  rebuild the study's report from the ledger (study.yaml's report_dir: reports/study/; a study with
+        `report: premise`, e.g. study-premise.yaml, builds the per-method premise report instead)
 power   the confirmatory study's power from the ledger's paired hue Δ (pipeline/study/power.py): prints
         the seeds per method for each target and the power table, writes reports/study/power.json
 
@@ -20,7 +21,18 @@ from pipeline.study.ledger import done, export_finished
 from pipeline.config import ConfigError
 from pipeline.study.plan import (dvc_queue_command, experiments_for, load_study, parse_queue_status, parse_shard,
                                  shard_models)
-from pipeline.study.report import build
+from pipeline.study.report import build as build_study
+
+
+def build(study):
+    """The report the study names (``report:`` in its file) into its ``report_dir``."""
+    from pathlib import Path
+
+    if study.report == "premise":
+        from pipeline.study.premise_report import build as build_premise
+
+        return build_premise(study, Path(study.report_dir))
+    return build_study(study, Path(study.report_dir))
 
 
 def _queue_status() -> tuple[dict[str, str], int]:
@@ -85,7 +97,9 @@ def main() -> int:
         for k in models:
             print(f"{'done   ' if k.name in finished else 'missing'} {k.name}  ({', '.join(study.block_of(k))})")
         print(f"[study] {len(models) - len(missing)}/{len(models)} done; {len(experiments)} experiment(s) left, "
-              f"≈ {len(missing) * study.minutes_per_model:.0f} min at {study.minutes_per_model} min per model")
+              f"≈ {sum(study.minutes(k) for k in missing):.0f} min ({sum(study.minutes(k) for k in missing) / 60:.1f} h) "
+              f"at {', '.join(sorted({f'{study.minutes(k):g}' for k in missing}, key=float)) or study.minutes_per_model} "
+              f"min per model, one worker")
         for e in experiments:
             print("  " + " ".join(dvc_queue_command(e, study.overrides)))
         return 0

@@ -422,3 +422,26 @@ def test_views_memory_format(images):
     assert views.is_contiguous(memory_format=torch.channels_last)
     nchw, _ = BatchAugment(params(), S, channels_last=False)(images, gen(0))
     assert nchw.is_contiguous() and torch.equal(nchw, views)
+
+
+def test_color_strength_none_is_the_premise_control_bit_for_bit_and_never_divides_by_zero():
+    """``augment.color_strength: none`` (issue 24: the study's no-jitter control) must draw exactly the views of
+    the premise module's control (``jitter_p: 0, grayscale_p: 0``, pipeline/study/premise.py), its colour ω must
+    be 0 (finite: the ω normalisation divides by the jitter range, 0 here), and AugSelf's colour target is off."""
+    from pipeline.study.premise import strength_overrides
+
+    base = AugmentParams()                                   # params.yaml's jitter_p 0.8, grayscale_p 0.2
+    none = dataclasses.replace(base, color_strength="none")
+    control = dataclasses.replace(base, jitter_p=0.0, grayscale_p=0.0)
+    x = torch.rand(64, 3, 12, 12, generator=gen(0))
+    views, omega = BatchAugment(none, 8)(x, gen(5))
+    ref, ref_omega = BatchAugment(control, 8)(x, gen(5))
+    assert torch.equal(views, ref)                           # bit-identical views
+    assert torch.equal(omega["crop"], ref_omega["crop"]) and torch.equal(omega["flip"], ref_omega["flip"])
+    assert torch.isfinite(omega["color"]).all() and not omega["color"].any() and not omega["color_diff"].any()
+    assert not omega["grayscale"].any()
+    assert none.jitter_strengths() == (0.0, 0.0, 0.0, 0.0) and none.effective_grayscale_p() == 0.0
+    assert none.probability("color") == 0.0
+    assert strength_overrides(Params(), "none") == {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+    # the official strengths are untouched by the new name
+    assert dataclasses.replace(base, color_strength="strong").jitter_strengths() == pytest.approx((0.8, 0.8, 0.8, 0.2))

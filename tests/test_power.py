@@ -80,6 +80,13 @@ def test_the_script_reads_the_paired_delta_of_each_method_and_seed_from_the_ledg
             _write(tmp_path, ModelKey(method, "augself", 1.0, "strong", seed), aug)
             _write(tmp_path, ModelKey(method, "augself", 0.5, "strong", seed), base)     # another λ: not read
             want.setdefault(method, []).append(float(aug.mean() - base.mean()))
+        # a pair of another study's schedule (the shared ledger, issue 24's 20-epoch arm): not read
+        for variant, lam in (("baseline", 0.0), ("augself", 1.0)):
+            key = ModelKey(method, variant, lam, "strong", 3, 20)
+            _write(tmp_path, key, (rng.random(300) < 0.9).astype(np.float32) * 100)
+            rec = json.loads((tmp_path / f"{key.name}.json").read_text())
+            rec["key"]["epochs"] = 20
+            (tmp_path / f"{key.name}.json").write_text(json.dumps(rec))
     per = pw.read_deltas(tmp_path)
     for m in pw.METHODS:
         assert list(per.deltas[m].values()) == pytest.approx(want[m], abs=1e-4)

@@ -228,7 +228,10 @@ def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):
                 aug = np.where(flip, 100.0 if e > 0 else 0.0, base).astype(np.float32)
                 _write_model(ledger, ModelKey(method, "augself", lam, "strong", seed),
                              {col: float(aug.mean())}, {col: aug})
-    s = study(tmp_path)
+    # the report reads the models its study plans (the ledger is shared by every study): all four, 3 seeds
+    s = study(tmp_path, BLOCKS.replace("seeds: [0, 1]", "seeds: [0, 1, 2]").replace(
+        "methods: [simclr, moco], variants: [baseline, augself, cassle]",
+        "methods: [simclr, simsiam, moco, byol], variants: [baseline, augself, cassle]"))
     text = build(s, tmp_path / "out", ledger).read_text()
     assert ("**hue, 24-way linear**, AugSelf λ = 1 − baseline, of 4 method(s): higher in 2, lower in 1, "
             "not distinguishable in 0, no decision (1 seed) in 1") in text
@@ -432,3 +435,162 @@ def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_a
     with pytest.raises(ConfigError, match=r"--shard: 'a' is not 'i/n'"):
         parse_shard("a")
     assert parse_shard("2/3") == (2, 3)
+
+
+def test_every_ledger_model_keeps_its_name_and_config_group_so_it_stays_done():
+    """Issue 24's `none` strength and per-block schedules must not move any existing model: each record of the
+    committed ledger is planned by study.yaml under its file's name, and params.yaml with the study's overrides
+    still gives the config group the model was trained and exported under (the group hashes every augment.*
+    and ssl.* value, so a changed default or a new key would show here)."""
+    s = load_study("study.yaml")
+    planned = {k.name: k for k in s.models()}
+    records = sorted(ledger_mod.LEDGER.glob("*.json"))
+    assert len(records) >= 34
+    for f in records:
+        r = json.loads(f.read_text())
+        k = r["key"]
+        if set(k) - {"method", "variant", "lambda", "strength", "seed"}:
+            continue                                   # a model of a later study (with its own schedule)
+        key = ModelKey(k["method"], k["variant"], float(k["lambda"]), k["strength"], int(k["seed"]))
+        if key.name not in planned:
+            continue                                   # the premise study's own models (e.g. colour `none`)
+        assert key.name == f.stem
+        assert ledger_mod.params_of(key, s).group_hash() == r["group"], f.stem
+    assert all(name in ledger_mod.done() for name in planned)
+
+
+PREMISE = """
+name: p
+seeds: [0]
+report: premise
+blocks:
+  - {name: premise, methods: [simclr, moco], variants: [baseline], lambda: [1.0], color_strength: [none, strong]}
+  - {name: schedule, methods: [simclr, moco], variants: [baseline], lambda: [1.0], color_strength: [strong],
+     epochs: 20, minutes_per_model: 25}
+"""
+
+
+def test_a_block_schedule_is_in_the_key_the_name_and_the_experiment(tmp_path):
+    s = study(tmp_path, PREMISE)
+    models = s.models()
+    assert [k.name for k in models if k.method == "simclr"] == [
+        "simclr-baseline-none-seed0", "simclr-baseline-strong-seed0", "simclr-baseline-strong-ep20-seed0"]
+    long = ModelKey("simclr", "baseline", 0.0, "strong", 0, 20)
+    assert s.block_of(long) == ["schedule"] and s.minutes(long) == 25 and s.minutes(models[0]) == s.minutes_per_model
+    exps = experiments_for(models)
+    assert sorted(k for e in exps for k in e.models()) == sorted(models)
+    arm = [e for e in exps if e.epochs]
+    assert [e.name for e in arm] == ["study-strong-ep20-lam1-s0-ba-simclr", "study-strong-ep20-lam1-s0-ba-moco"]
+    assert "ssl.epochs=20" in dvc_queue_command(arm[0])
+    short = [e for e in exps if e.strength == "strong" and not e.epochs]
+    assert all("ssl.epochs" not in e.overrides() for e in short)
+    p = ledger_mod.params_of(long, s)
+    assert p.ssl.epochs == 20 and p.group_hash() != ledger_mod.params_of(ModelKey("simclr", "baseline", 0.0, "strong", 0), s).group_hash()
+    none = ledger_mod.params_of(models[0], s)
+    assert none.augment.color_strength == "none" and none.augment.jitter_strengths() == (0.0, 0.0, 0.0, 0.0)
+    # colour is off at `none`: its probe has nothing to recover (it logs NaN) and is not waited for
+    assert "probe/color/r2" not in ledger_mod.expected_metrics(none)
+    assert s.report == "premise" and s.report_dir == "reports/study"
+    for bad, key in (("epochs: 20,", "epochs: 0,"), ("epochs: 20,", "epochs: 2.5,"), ("epochs: 20,", "lr: -1,"),
+                     ("minutes_per_model: 25", "minutes_per_model: 0")):
+        with pytest.raises(ConfigError, match=r"blocks\[1\]\.(epochs|lr|minutes_per_model)"):
+            study(tmp_path, PREMISE.replace(bad, key))
+    with pytest.raises(ConfigError, match="report"):
+        study(tmp_path, PREMISE.replace("report: premise", "report: nonsense"))
+    with pytest.raises(ConfigError, match="augment.color_strength is 'none'"):
+        load_params("params.yaml", {"augment.color_strength": "none", "variants": ["baseline", "augself"]})
+
+
+def test_committed_premise_study_reuses_the_first_studys_strong_baselines():
+    s = load_study("study-premise.yaml")
+    models = s.models()
+    assert len(models) == 16 and {k.variant for k in models} == {"baseline"} and {k.seed for k in models} == {0}
+    assert {k.strength for k in models} == {"none", "default", "strong"}
+    assert {k.epochs for k in models} == {0, 20}
+    done = ledger_mod.done()
+    for method in ("simclr", "simsiam", "moco", "byol"):
+        assert f"{method}-baseline-strong-seed0" in done           # the first study's, same key: not retrained
+        assert f"{method}-baseline-strong-ep20-seed0" in {k.name for k in models}
+    assert s.report == "premise" and s.report_dir == "reports/study-premise"
+
+
+def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
+    """A model of a block with its own schedule is exported under its own name with ``epochs`` in its key
+    and its kNN monitor curve (from the run's MLflow metric history), which the premise report plots; a
+    `none` model is exported without a colour probe (its ω is constant: the probe logs NaN)."""
+    import pandas as pd
+
+    import pipeline.tracking as tracking
+
+    s = study(tmp_path, PREMISE)
+    key = ModelKey("moco", "baseline", 0.0, "strong", 0, 20)
+    need = ledger_mod.expected_metrics(ledger_mod.params_of(key, s))
+    row = {"run_id": "r1", "method": "moco", "variant": "baseline", "lambda": 0.0, "seed": 0,
+           "pretrain/steps": 780.0, "pretrain/epochs": 20.0, **{c: 50.0 for c in need}}
+    curve = pd.DataFrame({"step": [5, 39, 78, 780], "pretrain/loss_total": [1.0, 0.9, 0.8, 0.5],
+                          "monitor/class/knn_top1": [np.nan, 30.0, 35.0, 60.0]})
+    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (pd.DataFrame([row]), {"r1": curve}))
+    monkeypatch.setattr(tracking, "collect_items",
+                        lambda params, runs: {"r1": {c: np.zeros(3) for c in need if c.startswith(("linear/", "fewshot/"))}})
+    ledger = tmp_path / "runs"
+    assert ledger_mod.export_finished(s, [key], ledger) == ["moco-baseline-strong-ep20-seed0"]
+    rec = json.loads((ledger / "moco-baseline-strong-ep20-seed0.json").read_text())
+    assert rec["key"]["epochs"] == 20 and "lr" not in rec["key"]
+    assert [(r["epoch"], r["monitor/class/knn_top1"]) for r in rec["monitor"]] == [(1.0, 30.0), (2.0, 35.0), (20.0, 60.0)]
+    runs, _ = ledger_mod.read_ledger(ledger)
+    assert runs["epochs"].tolist() == [20]
+    none = ModelKey("moco", "baseline", 0.0, "none", 0)
+    need_none = ledger_mod.expected_metrics(ledger_mod.params_of(none, s))
+    row_none = {**row, **{c: 50.0 for c in need_none}, "probe/color/r2": np.nan}
+    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (pd.DataFrame([row_none]), {}))
+    assert ledger_mod.export_finished(s, [none], ledger) == ["moco-baseline-none-seed0"]
+
+
+def _premise_record(ledger, key, metrics, curve=None):
+    ledger.mkdir(parents=True, exist_ok=True)
+    k = {"method": key.method, "variant": key.variant, "lambda": key.lam, "strength": key.strength, "seed": key.seed,
+         **({"epochs": key.epochs} if key.epochs else {})}
+    rec = {"key": k, "run_id": key.name, "group": "g", "commit": "c", "metrics": metrics,
+           **({"monitor": curve} if curve else {})}
+    (ledger / f"{key.name}.json").write_text(json.dumps(rec))
+
+
+def test_premise_report_per_method_and_the_schedule_rule(tmp_path):
+    """Two fake methods: SimCLR loses 20 hue points to strong jitter (premise holds) and its long arm gains
+    1 garment kNN point and 1 linear garment point over its 5-epoch model (keep 5); MoCo loses 2 (does not hold) and climbs: its long arm
+    ends 15 points above the 5-epoch model and is within 3 points of its end from epoch 15 on (choose 15).  The first study's report, on the same shared ledger, must
+    not count these models."""
+    from pipeline.study.premise_report import build as build_premise, choose_epochs
+
+    import pandas as pd
+
+    ledger = tmp_path / "runs"
+    hue, garment, knn = "linear/cfmnist/hue/top1", "linear/cfmnist/class/top1", "monitor/class/knn_top1"
+    for method, (h_none, h_strong), (k5, curve) in (
+            ("simclr", (90.0, 70.0), (60.0, {5: 55.0, 10: 58.0, 15: 60.5, 20: 61.0})),
+            ("moco", (80.0, 78.0), (30.0, {5: 25.0, 10: 33.0, 15: 43.0, 20: 45.0}))):
+        _premise_record(ledger, ModelKey(method, "baseline", 0.0, "none", 0), {hue: h_none, garment: 40.0, knn: 20.0})
+        _premise_record(ledger, ModelKey(method, "baseline", 0.0, "strong", 0), {hue: h_strong, garment: 70.0, knn: k5})
+        rows = [{"step": 39 * e, "epoch": float(e), knn: v, "monitor/hue/knn_top1": 50.0 - e} for e, v in curve.items()]
+        _premise_record(ledger, ModelKey(method, "baseline", 0.0, "strong", 0, 20),
+                        {hue: h_strong - 5, garment: 71.0 if method == "simclr" else 75.0, knn: curve[20]}, rows)
+    s = study(tmp_path, PREMISE)
+    text = build_premise(s, tmp_path / "out", ledger, short_epochs=5).read_text()
+    assert "models finished: **6 of 6** planned" in text
+    assert "| simclr | 90.0 | – | 70.0 | 20.0 | holds |" in text
+    assert "| moco | 80.0 | – | 78.0 | 2.0 | does not hold |" in text
+    lines = {l.split(" | ")[0]: l for l in text.splitlines() if l.startswith(("| simclr | 60.0", "| moco | 30.0"))}
+    assert "| 1.0 | 5 epochs | no |" in lines["| simclr"]
+    assert "| 15.0 | 15 epochs | no |" in lines["| moco"]
+    sched = pd.read_csv(tmp_path / "out" / "schedule.csv")
+    assert sched.set_index("method")["choice"].to_dict() == {"simclr": 5, "moco": 15}
+    assert (tmp_path / "out" / "schedule.png").stat().st_size > 10_000
+    # the rule on its own: a curve still 3+ points up over its last 5 epochs is "still climbing"
+    c = pd.DataFrame({"epoch": [5, 10, 15, 20], knn: [10.0, 20.0, 30.0, 40.0]})
+    assert choose_epochs(5, 12.0, c) == (20, True)
+    assert choose_epochs(5, 38.0, c) == (5, True)
+    assert choose_epochs(5, 20.0, c.assign(**{knn: [10.0, 30.0, 38.0, 40.0]})) == (15, False)
+    assert choose_epochs(5, 38.0, c, linear_gain=4.0) == (20, True)      # flat on kNN, still rising on linear
+    # the first study's report on the same ledger reads only its own models: none of these
+    text = build(study(tmp_path), tmp_path / "study", ledger).read_text()
+    assert "Models finished: **2 of" in text                  # the two strong seed-0 baselines it plans

@@ -1,7 +1,9 @@
 """The study's ledger: one committed file pair per finished model, so no finished run is ever lost.
 
-``reports/study/runs/<model>.json`` holds the model's key (method, variant, λ, strength, seed), its
-MLflow run id, config group, commit and every metric; ``<model>.npz`` the per-item scores the paired
+``reports/study/runs/<model>.json`` holds the model's key (method, variant, λ, strength, seed, and
+``epochs`` / ``lr`` where its block set them), its MLflow run id, config group, commit, every metric and
+(models exported since issue 24) ``monitor``: the kNN monitor's curve, one row per monitor point (step,
+completed epochs, ``monitor/<task>/…``), from the run's MLflow metric history; ``<model>.npz`` the per-item scores the paired
 statistics need (per test image correctness of the linear probe, per episode few-shot accuracy, in
 %, keyed by metric column, as :func:`pipeline.tracking.collect_items` returns them).  The ledger is
 filled from the MLflow store (where every queued DVC experiment logs) by :func:`export_finished`,
@@ -30,7 +32,10 @@ def expected_metrics(params: Params) -> list[str]:
     from pipeline.evaluate.probe import PAIRWISE_CLASSIFICATION
     from pipeline.workflow import probe_augmentations
 
-    out = [f"probe/{a}/{'acc' if a in PAIRWISE_CLASSIFICATION else 'r2'}" for a in probe_augmentations(params)]
+    # An augmentation that is off (colour at augment.color_strength: none) has a constant ω: its probe logs
+    # NaN (no R² of a constant), so it is not waited for.
+    out = [f"probe/{a}/{'acc' if a in PAIRWISE_CLASSIFICATION else 'r2'}" for a in probe_augmentations(params)
+           if params.augment.probability(a) > 0]
     fs = params.eval.fewshot
     for name, entry in params.data.datasets.items():
         for task in entry.tasks:
@@ -41,7 +46,7 @@ def expected_metrics(params: Params) -> list[str]:
 
 def params_of(key: ModelKey, study: Study, params_path: str | Path = "params.yaml") -> Params:
     lam = key.lam if key.variant == "augself" else load_params(params_path).augself.lambda_
-    exp = Experiment(key.strength, lam, key.seed, (key.method,), (key.variant,))
+    exp = Experiment(key.strength, lam, key.seed, (key.method,), (key.variant,), key.epochs, key.lr)
     return load_params(params_path, exp.overrides(study.overrides))
 
 
@@ -103,7 +108,7 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
     for group, (p, group_keys) in by_group.items():
         p.ssl.methods = sorted({k.method for k in group_keys})
         try:
-            runs, _ = _runs_from_mlflow(p)
+            runs, curves = _runs_from_mlflow(p)
         except Exception as e:  # noqa: BLE001 - the store is optional: report and keep the ledger as is
             print(f"[study] MLflow not readable ({type(e).__name__}: {e}); nothing exported")
             return written
@@ -126,9 +131,13 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
                 continue
             metrics = {c: float(row[c]) for c in row.index if "/" in c and pd.notna(row[c])}
             record = {"key": {"method": key.method, "variant": key.variant, "lambda": key.lam,
-                              "strength": key.strength, "seed": key.seed},
+                              "strength": key.strength, "seed": key.seed,
+                              **({"epochs": key.epochs} if key.epochs else {}), **({"lr": key.lr} if key.lr else {})},
                       "run_id": str(row["run_id"]), "group": group, "commit": str(row.get("commit", "")),
                       "metrics": metrics}
+            curve = monitor_curve(curves.get(str(row["run_id"])), metrics)
+            if curve:
+                record["monitor"] = curve
             write_npz(ledger / f"{key.name}.npz", {k: np.asarray(v, dtype=np.float32) for k, v in items.items()},
                       compressed=True)
             write_text(ledger / f"{key.name}.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -136,16 +145,51 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
     return written
 
 
-def read_ledger(ledger: Path = LEDGER) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """(runs table, per-item scores by run id) of every model in the ledger."""
+def monitor_curve(curve: pd.DataFrame | None, metrics: dict) -> list[dict]:
+    """The kNN monitor rows of a run's metric history (``_runs_from_mlflow``'s curve: one row per logged
+    step): each step that has a ``monitor/*`` value, with its completed epochs (step / steps per epoch,
+    from the run's ``pretrain/steps`` and ``pretrain/epochs``)."""
+    if curve is None or curve.empty:
+        return []
+    cols = [c for c in curve.columns if c.startswith("monitor/")]
+    steps, epochs = metrics.get("pretrain/steps"), metrics.get("pretrain/epochs")
+    if not cols or not steps or not epochs:
+        return []
+    per_epoch = steps / epochs
+    rows = []
+    for _, r in curve.dropna(subset=cols, how="all").iterrows():
+        rows.append({"step": int(r["step"]), "epoch": round(float(r["step"]) / per_epoch, 3),
+                     **{c: float(r[c]) for c in cols if pd.notna(r[c])}})
+    return rows
+
+
+def read_ledger(ledger: Path = LEDGER, models: set[str] | None = None
+                ) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """(runs table, per-item scores by run id) of every model in the ledger, or of those named in ``models``
+    (a study reads its own: the ledger is shared by every study).  ``epochs`` / ``lr`` columns appear only
+    where a record's key sets them (NaN for the others: params.yaml's schedule)."""
     rows, items = [], {}
     for f in sorted(Path(ledger).glob("*.json")):
+        if models is not None and f.stem not in models:
+            continue
         r = json.loads(f.read_text())
         k = r["key"]
         rows.append({"run_id": r["run_id"], "model": f.stem, "method": k["method"], "variant": k["variant"],
-                     "lambda": float(k["lambda"]), "strength": k["strength"], "seed": int(k["seed"]), **r["metrics"]})
+                     "lambda": float(k["lambda"]), "strength": k["strength"], "seed": int(k["seed"]),
+                     **{s: k[s] for s in ("epochs", "lr") if s in k}, **r["metrics"]})
         npz = f.with_suffix(".npz")
         if npz.exists():
             with np.load(npz, allow_pickle=False) as z:
                 items[r["run_id"]] = {name: z[name].astype(np.float64) for name in z.files}
     return pd.DataFrame(rows), items
+
+
+def read_curves(ledger: Path = LEDGER, models: set[str] | None = None) -> dict[str, pd.DataFrame]:
+    """{model name: its kNN monitor curve (columns step, epoch, monitor/…)} of the ledger's records that hold one."""
+    out = {}
+    for f in sorted(Path(ledger).glob("*.json")):
+        if models is None or f.stem in models:
+            curve = json.loads(f.read_text()).get("monitor")
+            if curve:
+                out[f.stem] = pd.DataFrame(curve)
+    return out

@@ -13,7 +13,14 @@
         lambda: [1.0]
         color_strength: [strong]
 
-A *model* is one (method, variant, λ, colour strength, seed); λ only matters for ``augself`` (the other
+A block may also set ``epochs`` and ``lr`` (``ssl.epochs``, ``ssl.lr``; left out: params.yaml's, and the
+model's name is the one it always had) and ``minutes_per_model`` (its models' cost estimate, else the
+study's); a schedule set there is part of the model's key and name (``…-strong-ep20-seed0``).  A study
+may name its report: ``report: premise`` (:mod:`pipeline.study.premise_report`, baselines only) or the
+default ``study`` (:mod:`pipeline.study.report`), written to ``report_dir`` (default ``reports/study``).
+Every study shares the one ledger, so a model two studies plan under the same key is trained once.
+
+A *model* is one (method, variant, λ, colour strength, seed[, epochs, lr]); λ only matters for ``augself`` (the other
 variants train with λ = 0 whatever ``augself.lambda`` says, so they are planned once, at the block's
 first λ).  The plan is the union of every block's models.  Models already in the ledger
 (:mod:`pipeline.study.ledger`) are done; the others are grouped into one DVC experiment per
@@ -33,6 +40,8 @@ from pipeline.config import ConfigError, check_subset, read_yaml
 from pipeline.params import COLOR_STRENGTHS, METHODS, VARIANTS
 
 STUDY_FILE = "study.yaml"
+REPORTS = ("study", "premise")                        # study.yaml's `report:`
+BLOCK_SCHEDULE = ("epochs", "lr", "minutes_per_model")   # optional keys of a block beside its crossing
 
 
 @dataclass(frozen=True, order=True)
@@ -42,16 +51,27 @@ class ModelKey:
     lam: float            # 0 for every variant but augself
     strength: str
     seed: int
+    epochs: int = 0       # ssl.epochs; 0: params.yaml's (and the name says nothing)
+    lr: float = 0.0       # ssl.lr; 0: params.yaml's
 
     @property
     def name(self) -> str:
         lam = f"-lam{self.lam:g}" if self.variant == "augself" else ""
-        return f"{self.method}-{self.variant}{lam}-{self.strength}-seed{self.seed}"
+        return f"{self.method}-{self.variant}{lam}-{self.strength}{self.schedule}-seed{self.seed}"
+
+    @property
+    def schedule(self) -> str:
+        """``-ep<epochs>`` / ``-lr<lr>`` where the key sets them, else empty (the names of params.yaml's schedule)."""
+        return (f"-ep{self.epochs}" if self.epochs else "") + (f"-lr{self.lr:g}" if self.lr else "")
+
+    def schedule_overrides(self) -> dict:
+        """The ``ssl.*`` overrides of a schedule this key sets."""
+        return {**({"ssl.epochs": self.epochs} if self.epochs else {}), **({"ssl.lr": self.lr} if self.lr else {})}
 
     @property
     def baseline(self) -> "ModelKey":
-        """The model this one is compared with: the baseline of the same method, strength and seed."""
-        return ModelKey(self.method, "baseline", 0.0, self.strength, self.seed)
+        """The model this one is compared with: the baseline of the same method, strength, schedule and seed."""
+        return ModelKey(self.method, "baseline", 0.0, self.strength, self.seed, self.epochs, self.lr)
 
 
 @dataclass
@@ -62,6 +82,9 @@ class Block:
     lambdas: list[float]
     strengths: list[str]
     seeds: list[int] | None = None      # this block's seeds; None: the study's
+    epochs: int = 0                     # ssl.epochs of its models; 0: params.yaml's
+    lr: float = 0.0                     # ssl.lr of its models; 0: params.yaml's
+    minutes_per_model: float | None = None   # its models' cost estimate; None: the study's
 
 
 @dataclass
@@ -71,6 +94,8 @@ class Study:
     blocks: list[Block]
     minutes_per_model: float = 2.0           # the budget estimate shown by `plan` (measured, docs/study.md)
     overrides: dict = field(default_factory=dict)   # -S overrides every experiment of the study adds
+    report: str = "study"                    # study | premise: which report `report` builds from the ledger
+    report_dir: str = "reports/study"
 
     def models(self) -> list[ModelKey]:
         keys = set()
@@ -81,8 +106,15 @@ class Study:
                     for lam in lams:
                         for strength in b.strengths:
                             for seed in self.seeds_of(b):
-                                keys.add(ModelKey(method, variant, float(lam), strength, int(seed)))
+                                keys.add(ModelKey(method, variant, float(lam), strength, int(seed), b.epochs, b.lr))
         return sorted(keys)
+
+    def minutes(self, key: ModelKey) -> float:
+        """The cost estimate of one model: its first block's ``minutes_per_model``, else the study's."""
+        for b in self.blocks:
+            if b.name in self.block_of(key) and b.minutes_per_model is not None:
+                return b.minutes_per_model
+        return self.minutes_per_model
 
     def priority(self, keys) -> int:
         """The index in ``blocks`` of the first block any of ``keys`` belongs to."""
@@ -101,7 +133,7 @@ class Study:
     def block_of(self, key: ModelKey) -> list[str]:
         return [b.name for b in self.blocks if key.method in b.methods and key.variant in b.variants
                 and key.strength in b.strengths and (key.variant != "augself" or key.lam in b.lambdas)
-                and key.seed in self.seeds_of(b)]
+                and key.seed in self.seeds_of(b) and (key.epochs, key.lr) == (b.epochs, b.lr)]
 
 
 def load_study(path: str | Path = STUDY_FILE) -> Study:
@@ -109,10 +141,13 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with name, seeds, blocks")
-    unknown = set(raw) - {"name", "seeds", "blocks", "minutes_per_model", "overrides"}
+    unknown = set(raw) - {"name", "seeds", "blocks", "minutes_per_model", "overrides", "report", "report_dir"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, seeds, blocks, "
-                          f"minutes_per_model, overrides")
+                          f"minutes_per_model, overrides, report, report_dir")
+    report = raw.get("report", "study")
+    if report not in REPORTS:
+        raise ConfigError(f"{path}: report: {report!r} is not one of {', '.join(REPORTS)}")
     blocks = []
     for i, b in enumerate(raw.get("blocks") or []):
         where = f"{path}: blocks[{i}]"
@@ -127,15 +162,25 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
                 raise ConfigError(f"{where}.lambda: {lam!r} must be a number >= 0")
         if "augself" in b["variants"] and 0 in b["lambda"]:
             raise ConfigError(f"{where}.lambda: 0 is the baseline; list the variant 'baseline' instead")
-        unknown_b = set(b) - {"name", "methods", "variants", "lambda", "color_strength", "seeds"}
+        unknown_b = set(b) - {"name", "methods", "variants", "lambda", "color_strength", "seeds", *BLOCK_SCHEDULE}
         if unknown_b:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown_b)}; allowed: name, methods, variants, "
-                              f"lambda, color_strength, seeds")
+                              f"lambda, color_strength, seeds, {', '.join(BLOCK_SCHEDULE)}")
+        epochs, lr, minutes = b.get("epochs", 0), b.get("lr", 0.0), b.get("minutes_per_model")
+        if "epochs" in b and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+            raise ConfigError(f"{where}.epochs: {epochs!r} must be an integer >= 1 (ssl.epochs of the block's "
+                              f"models); leave it out for params.yaml's")
+        if "lr" in b and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
+            raise ConfigError(f"{where}.lr: {lr!r} must be a number > 0 (ssl.lr of the block's models); leave it "
+                              f"out for params.yaml's")
+        if minutes is not None and (not isinstance(minutes, (int, float)) or minutes <= 0):
+            raise ConfigError(f"{where}.minutes_per_model: {minutes!r} must be a number > 0 (minutes per model)")
         block_seeds = b.get("seeds")
         if block_seeds is not None and (not block_seeds or not all(isinstance(x, int) and x >= 0 for x in block_seeds)):
             raise ConfigError(f"{where}.seeds: a non-empty list of integers >= 0, got {block_seeds!r}")
         blocks.append(Block(b["name"], list(b["methods"]), list(b["variants"]), [float(x) for x in b["lambda"]],
-                            list(b["color_strength"]), list(block_seeds) if block_seeds is not None else None))
+                            list(b["color_strength"]), list(block_seeds) if block_seeds is not None else None,
+                            int(epochs), float(lr), None if minutes is None else float(minutes)))
     if not blocks:
         raise ConfigError(f"{path}: blocks is empty")
     seeds = raw.get("seeds") or []
@@ -144,30 +189,33 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise ConfigError(f"{path}: name must be a non-empty string (it labels the study's runs)")
     return Study(raw["name"], list(seeds), blocks, float(raw.get("minutes_per_model", 2.0)),
-                 dict(raw.get("overrides") or {}))
+                 dict(raw.get("overrides") or {}), report, str(raw.get("report_dir", "reports/study")))
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One `dvc exp run`: every model of ``methods × variants`` at one (strength, λ, seed)."""
+    """One `dvc exp run`: every model of ``methods × variants`` at one (strength, λ, seed[, schedule])."""
     strength: str
     lam: float
     seed: int
     methods: tuple[str, ...]
     variants: tuple[str, ...]
+    epochs: int = 0
+    lr: float = 0.0
 
     @property
     def name(self) -> str:
-        return (f"study-{self.strength}-lam{self.lam:g}-s{self.seed}-"
+        schedule = ModelKey("", "", 0.0, "", 0, self.epochs, self.lr).schedule
+        return (f"study-{self.strength}{schedule}-lam{self.lam:g}-s{self.seed}-"
                 f"{'-'.join(v[:2] for v in self.variants)}-{'-'.join(self.methods)}")
 
     def overrides(self, extra: dict | None = None) -> dict:
         return {**(extra or {}), "seed": self.seed, "ssl.methods": list(self.methods),
                 "variants": list(self.variants), "augment.color_strength": self.strength,
-                "augself.lambda": self.lam}
+                "augself.lambda": self.lam, **self.models()[0].schedule_overrides()}
 
     def models(self) -> list[ModelKey]:
-        return [ModelKey(m, v, self.lam if v == "augself" else 0.0, self.strength, self.seed)
+        return [ModelKey(m, v, self.lam if v == "augself" else 0.0, self.strength, self.seed, self.epochs, self.lr)
                 for m in self.methods for v in self.variants]
 
 
@@ -177,12 +225,13 @@ def experiments_for(missing: list[ModelKey], default_lambda: float = 1.0) -> lis
     cells: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for k in missing:
         lam = k.lam if k.variant == "augself" else default_lambda
-        cells[(k.strength, lam, k.seed)][k.method].add(k.variant)
+        cells[(k.strength, lam, k.seed, k.epochs, k.lr)][k.method].add(k.variant)
     out = []
-    for (strength, lam, seed), by_method in sorted(cells.items()):
+    for (strength, lam, seed, epochs, lr), by_method in sorted(cells.items()):
         for method in METHODS:
             if method in by_method:
-                out.append(Experiment(strength, lam, seed, (method,), tuple(v for v in VARIANTS if v in by_method[method])))
+                out.append(Experiment(strength, lam, seed, (method,), tuple(v for v in VARIANTS if v in by_method[method]),
+                                      epochs, lr))
     return out
 
 

@@ -81,6 +81,9 @@ def read_deltas(ledger: Path, metric: str = PRIMARY, strength: str = "strong", l
     from pipeline.study.ledger import read_ledger
 
     runs, items = read_ledger(ledger)
+    for col in ("epochs", "lr"):                  # params.yaml's schedule only: the ledger is shared by every study
+        if col in runs:
+            runs = runs[runs[col].isna()]
     out: dict[str, dict[int, float]] = {}
     for method in methods:
         sel = runs[(runs["method"] == method) & (runs["strength"] == strength)]

@@ -301,8 +301,8 @@ def _full_table(diff: pd.DataFrame) -> list[str]:
 def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LEDGER) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs, items = read_ledger(ledger)
     planned = study.models()
+    runs, items = read_ledger(ledger, {k.name for k in planned})      # the ledger is shared by every study
     notes: list[str] = []
     lines = [f"# Study `{study.name}`", "",
              "Design: [docs/study.md](../../docs/study.md) (committed before any AugSelf run). "
