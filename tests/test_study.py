@@ -148,7 +148,11 @@ def test_ridge_and_knn_probes_read_what_the_features_hold():
 
 def test_strength_overrides_scale_the_jitter_and_grayscale():
     p = load_params("params.yaml", {"augment.color_strength": "default"})
-    assert strength_overrides(p, "none") == {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+    none = strength_overrides(p, "none")
+    assert none["augment.jitter_p"] == 0.0 and none["augment.grayscale_p"] == 0.0
+    # every strength is a valid configuration (no colour: no colour target, no colour CASSLE block)
+    for strength in ("none", "weak", "default", "strong"):
+        load_params("params.yaml", {"augment.color_strength": "default", **strength_overrides(p, strength)})
     strong = strength_overrides(p, "strong")
     assert strong["augment.brightness"] == pytest.approx(2 * p.augment.brightness)
     assert strong["augment.hue"] == pytest.approx(min(0.5, 2 * p.augment.hue))
@@ -331,3 +335,4 @@ def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_a
     with pytest.raises(ConfigError, match=r"--shard: 'a' is not 'i/n'"):
         parse_shard("a")
     assert parse_shard("2/3") == (2, 3)
+
