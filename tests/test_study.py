@@ -336,3 +336,31 @@ def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_a
         parse_shard("a")
     assert parse_shard("2/3") == (2, 3)
 
+
+def test_a_model_in_any_experiment_commit_this_clone_holds_is_done_and_recognised_by_what_defines_it(tmp_path):
+    """A spread study (README "A study over several machines") skips a model an experiment commit in
+    refs/exps/ holds (trained here, or pulled from the remote another machine pushed to), matched by its
+    run.json: the same method, variant, λ, seed *and* config group (colour strength, params.yaml)."""
+    import subprocess
+
+    from pipeline.study.plan import Block, Study
+    from pipeline.study.share import models_in_experiments
+
+    study = Study("t", [0, 1], [Block("b", ["simclr"], ["baseline"], [1.0], ["strong", "weak"])])
+    s0, s0_weak, s1 = (ModelKey("simclr", "baseline", 0.0, "strong", 0), ModelKey("simclr", "baseline", 0.0, "weak", 0),
+                       ModelKey("simclr", "baseline", 0.0, "strong", 1))
+    group = ledger_mod.params_of(s0, study).group_hash()
+    repo = tmp_path / "repo"
+    (repo / "models" / "simclr-baseline").mkdir(parents=True)
+    info = {"group": group, "lambda": 0.0, "method": "simclr", "seed": 0, "variant": "baseline"}
+    (repo / "models" / "simclr-baseline" / "run.json").write_text(json.dumps(info))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "exp"], cwd=repo, check=True)
+    subprocess.run(["git", "update-ref", "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr", "HEAD"], cwd=repo, check=True)
+    subprocess.run(["git", "checkout", "-q", "--orphan", "empty"], cwd=repo, check=True)   # not in the worktree
+    subprocess.run(["git", "rm", "-rqf", "."], cwd=repo, check=True)
+
+    found = models_in_experiments(study, [s0, s0_weak, s1], repo)
+    assert found == {s0.name: "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr"}
