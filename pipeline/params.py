@@ -214,12 +214,17 @@ class AugmentParams:
     def probability(self, aug: str) -> float:
         """The probability that switches the view op behind AugSelf target ``aug`` (crop: 1, always on)."""
         return {"crop": 1.0, "flip": self.flip_p, "color": self.jitter_p if any(self.jitter_strengths()) else 0.0,
-                "blur": self.blur_p, "rotation": self.rotation_p, "solarize": self.solarize_p}[aug]
+                "blur": self.blur_p, "rotation": self.rotation_p, "solarize": self.solarize_p,
+                "grayscale": self.effective_grayscale_p()}[aug]
 
 
 # The augment.* key that switches each AugSelf target's augmentation on (used in messages).
 AUGMENTATION_SWITCH = {"crop": "augment.crop_scale", "flip": "augment.flip_p", "color": "augment.jitter_p",
-                       "blur": "augment.blur_p", "rotation": "augment.rotation_p", "solarize": "augment.solarize_p"}
+                       "blur": "augment.blur_p", "rotation": "augment.rotation_p", "solarize": "augment.solarize_p",
+                       "grayscale": "augment.grayscale_p"}
+# The augmentation behind each CASSLE condition block (crop is always on).
+CASSLE_CONDITION_AUGMENTATION = {"blur": "blur", "color": "color", "color_diff": "color", "flip": "flip",
+                                 "grayscale": "grayscale"}
 
 
 @dataclass
@@ -256,7 +261,8 @@ class BaselineParams:
 @dataclass
 class CassleParams:
     """CASSLE (pipeline/cassle.py): the projector conditioned on each view's own ω."""
-    conditions: list[str] = field(default_factory=lambda: ["blur", "color", "color_diff", "crop", "grayscale"])
+    # theirs: blur, color, color_diff, crop, grayscale; blur only where augment.blur_p > 0 (refused otherwise)
+    conditions: list[str] = field(default_factory=lambda: ["color", "color_diff", "crop", "grayscale"])
     injection: str = "proj-cat"         # proj-cat (theirs), proj-add, proj-mul
     depth: int = 6                      # Linear layers of the ω embedding MLP
     width: int = 64                     # its hidden (and, for proj-cat, output) width
@@ -358,6 +364,17 @@ class Params:
                                   f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
                                   f"so its target would be constant; set {key} > 0 or remove {aug!r} "
                                   f"from augself.augmentations")
+        # A CASSLE condition needs its op too: an op that is off makes its block a constant input.  Checked
+        # when the CASSLE variant trains, as the AugSelf targets are (a baseline-only run at
+        # augment.color_strength: none is valid with the default conditions).
+        for block in self.cassle.conditions if "cassle" in self.variants else []:
+            aug = CASSLE_CONDITION_AUGMENTATION.get(block)
+            if aug is not None and self.augment.probability(aug) == 0:
+                key = AUGMENTATION_SWITCH[aug]
+                raise ConfigError(f"cassle.conditions: {block!r} is listed but its augmentation is off "
+                                  f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
+                                  f"so the projector would be given a constant; set {key} > 0 or remove "
+                                  f"{block!r} from cassle.conditions")
         if not self.variants:
             raise ConfigError(f"variants: empty; allowed values: {', '.join(VARIANTS)}")
         check_subset("variants", self.variants, VARIANTS)

@@ -1,13 +1,20 @@
-"""The study (docs/study.md, study.yaml): python -m stages.study {plan,run,export,report} [--jobs 2]
+"""The study (docs/study.md, study.yaml): python -m stages.study {plan,run,export,gather,report,power} [--jobs 2]
 
 plan    every model of study.yaml, done (in reports/study/runs/) or not, and the DVC experiments left
 run     export what MLflow already holds, queue the missing models as `dvc exp run --queue`
         experiments, run the queue, export each model as it finishes, then build reports/study/
+        (--shard I/N: this machine's share; --push REMOTE: `dvc exp push REMOTE` each finished experiment,
+        and skip the models of the experiments already on REMOTE)
 export  copy finished models from MLflow into the ledger (reports/study/runs/)
+gather  (--from REMOTE: `dvc exp pull` the study's experiments from the git remote REMOTE, outputs from the
+        DVC remote) export every finished model from MLflow into the ledger, rebuild the study's report
 report  rebuild the study's report from the ledger (study.yaml's report_dir: reports/study/; a study with
         `report: premise`, e.g. study-premise.yaml, builds the per-method premise report instead)
 power   the confirmatory study's power from the ledger's paired hue Δ (pipeline/study/power.py): prints
         the seeds per method for each target and the power table, writes reports/study/power.json
+
+A model is skipped when it is done anywhere: in the ledger, in an experiment this clone holds (its own or
+pulled), on the --push remote, or finished in the MLflow store (pipeline/study/share.py).
 
 Resumable: killed at any point, `make study` (= run) continues from what the ledger and MLflow hold.
 """
@@ -22,6 +29,7 @@ from pipeline.config import ConfigError
 from pipeline.study.plan import (dvc_queue_command, experiments_for, load_study, parse_queue_status, parse_shard,
                                  shard_models)
 from pipeline.study.report import build as build_study
+from pipeline.study.share import models_in_experiments, pull, push_unpushed, study_experiments
 
 
 def build(study):
@@ -60,19 +68,35 @@ def _clear_stale_tasks() -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _report_pushed(names: list[str], remote: str) -> None:
+    if names:
+        print(f"[study] pushed to {remote}: {', '.join(names)}", flush=True)
+
+
 def _queue_busy() -> bool:
     return bool(_queue_status()[0])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("plan", "run", "export", "report", "power"))
+    ap.add_argument("action", choices=("plan", "run", "export", "gather", "report", "power"))
     ap.add_argument("--study", default="study.yaml")
     ap.add_argument("--jobs", type=int, default=2, help="dvc queue workers (each pinned to one CPU thread)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="this machine's share of the plan: machine I of N trains only its whole experiments "
                          "(a stable split of the full plan; results meet in the shared MLflow server)")
+    ap.add_argument("--push", default=None, metavar="REMOTE",
+                    help="run: `dvc exp push REMOTE` every experiment as it finishes (its ref to the git remote, its "
+                         "outputs to the default DVC remote), and skip the models of experiments already there")
+    ap.add_argument("--from", dest="from_remote", default=None, metavar="REMOTE",
+                    help="gather: `dvc exp pull REMOTE` the study's experiments first (git remote name or URL)")
+    ap.add_argument("--poll", type=float, default=30.0, metavar="SECONDS",
+                    help="run: seconds between looks at the queue (export, push)")
     a = ap.parse_args()
+    if a.push and a.action != "run":
+        ap.error("--push REMOTE goes with `run` (gather reads a remote with --from REMOTE)")
+    if a.from_remote and a.action != "gather":
+        ap.error("--from REMOTE goes with `gather` (run pushes with --push REMOTE)")
     if a.action == "power":                       # reads the ledger only: trains and plans nothing
         from pathlib import Path
 
@@ -88,10 +112,25 @@ def main() -> int:
             models = shard_models(models, parse_shard(a.shard))
         except ConfigError as e:
             ap.error(str(e))                      # one line, exit code 2, before any compute
-    if a.action in ("run", "export"):
+    remote = a.push or a.from_remote
+    pushed: set[str] = set()
+    if remote:
+        try:
+            pushed = study_experiments(remote)
+        except ConfigError as e:
+            ap.error(str(e))
+        # run: the refs are enough to know what is done; gather: the outputs too (models, features)
+        got = (pull(remote, pushed) if a.action == "gather" else
+               pull(remote, pushed - study_experiments(), cache=False))
+        print(f"[study] {len(pushed)} study experiment(s) on {remote}; pulled {len(got)}", flush=True)
+    if a.action in ("run", "export", "gather"):
         print(f"[study] exported {len(export_finished(study, models))} finished model(s) from MLflow")
     finished = done()
-    missing = [k for k in models if k.name not in finished]
+    elsewhere = {n: ref for n, ref in models_in_experiments(study, models).items() if n not in finished}
+    for name, ref in sorted(elsewhere.items()):
+        print(f"[study] {name}: done in experiment {ref.rsplit('/', 1)[-1]}, not in the ledger yet "
+              f"(exported once its MLflow run is readable); not trained again", flush=True)
+    missing = [k for k in models if k.name not in finished and k.name not in elsewhere]
     experiments = study.queue_order(experiments_for(missing))
     if a.action == "plan":
         for k in models:
@@ -118,12 +157,17 @@ def main() -> int:
             subprocess.run(cmd, check=True)
         _keep_workers(a.jobs)
         while _queue_busy():
-            time.sleep(30)
+            time.sleep(a.poll)
             _keep_workers(a.jobs)
             new = export_finished(study, missing)
             if new:
                 print(f"[study] finished: {', '.join(new)}", flush=True)
+            if a.push:
+                _report_pushed(push_unpushed(a.push, pushed), a.push)
         export_finished(study, missing)
+    if a.action == "run" and a.push:
+        _report_pushed(push_unpushed(a.push, pushed), a.push)     # the last ones, and any left by a killed run
+    if a.action == "run" and experiments:
         left = [k.name for k in models if k.name not in done()]
         if left:
             print(f"[study] {len(left)} model(s) did not finish (see `dvc queue status`, `dvc queue logs`); "

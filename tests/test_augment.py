@@ -442,6 +442,8 @@ def test_color_strength_none_is_the_premise_control_bit_for_bit_and_never_divide
     assert not omega["grayscale"].any()
     assert none.jitter_strengths() == (0.0, 0.0, 0.0, 0.0) and none.effective_grayscale_p() == 0.0
     assert none.probability("color") == 0.0
-    assert strength_overrides(Params(), "none") == {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+    o = strength_overrides(Params(), "none")                 # the control, and no target/condition left on colour
+    assert {k: v for k, v in o.items() if k.startswith("augment.")} == {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+    assert "color" not in o["augself.augmentations"] and not {"color", "color_diff", "grayscale"} & set(o["cassle.conditions"])
     # the official strengths are untouched by the new name
     assert dataclasses.replace(base, color_strength="strong").jitter_strengths() == pytest.approx((0.8, 0.8, 0.8, 0.2))

@@ -226,10 +226,27 @@ def test_training_hash_covers_cassle_only_for_the_cassle_variant():
     ({"cassle": {"depth": 0}}, r"cassle.depth"),
     ({"baseline": {"lambda": 1.0}}, r"baseline.lambda: unknown key"),
     ({"augself": {"ss_only": True, "lambda": 0.0}}, r"augself.ss_only.*augself.lambda"),
+    # a condition whose op is off would feed the projector a constant (blur was in the default at blur_p 0)
+    ({"variants": ["baseline", "cassle"], "cassle": {"conditions": ["blur", "crop"]}, "augment": {"blur_p": 0.0}},
+     r"cassle.conditions: 'blur' is listed but its augmentation is off \(augment.blur_p = 0\).*remove 'blur'"),
+    ({"variants": ["baseline", "cassle"], "cassle": {"conditions": ["crop", "flip"]}, "augment": {"flip_p": 0.0}}, r"cassle.conditions: 'flip'.*augment.flip_p"),
+    ({"variants": ["baseline", "cassle"], "cassle": {"conditions": ["crop", "grayscale"]}, "augment": {"grayscale_p": 0.0}},
+     r"cassle.conditions: 'grayscale'.*augment.grayscale_p"),
+    ({"variants": ["baseline", "cassle"], "cassle": {"conditions": ["color_diff"]}, "augment": {"jitter_p": 0.0}, "augself": {"augmentations": ["crop"]}},
+     r"cassle.conditions: 'color_diff'.*augment.jitter_p"),
 ])
 def test_bad_variant_params_are_refused_naming_the_key(bad, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(Params, bad)
+
+
+def test_a_condition_whose_op_is_off_is_refused_only_where_cassle_trains():
+    """The default conditions read colour: a baseline-only run without colour jitter (the premise study's
+    `none` control) must load, and the same run with CASSLE among its variants must not."""
+    off = {"augment": {"color_strength": "none"}, "augself": {"augmentations": ["crop"]}}
+    from_dict(Params, {**off, "variants": ["baseline"]})
+    with pytest.raises(ConfigError, match=r"cassle.conditions: 'color'"):
+        from_dict(Params, {**off, "variants": ["baseline", "cassle"]})
 
 
 def test_cassle_pretraining_runs_and_final_holds_the_backbone_only(tmp_path):
@@ -329,3 +346,9 @@ def test_group_hash_ignores_the_cassle_section_and_the_variant_list():
     changed = dataclasses.replace(p, cassle=dataclasses.replace(p.cassle, width=32), variants=["cassle"])
     assert changed.group_hash() == p.group_hash()
     assert dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, epochs=9)).group_hash() != p.group_hash()
+
+
+def test_cassle_conditions_with_their_op_on_are_accepted_and_the_default_has_no_constant_block():
+    from_dict(Params, {"cassle": {"conditions": ["blur", "crop"]}, "augment": {"blur_p": 0.5}})
+    default = from_dict(Params, {})
+    assert "blur" not in default.cassle.conditions and default.augment.blur_p == 0

@@ -148,7 +148,11 @@ def test_ridge_and_knn_probes_read_what_the_features_hold():
 
 def test_strength_overrides_scale_the_jitter_and_grayscale():
     p = load_params("params.yaml", {"augment.color_strength": "default"})
-    assert strength_overrides(p, "none") == {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+    none = strength_overrides(p, "none")
+    assert none["augment.jitter_p"] == 0.0 and none["augment.grayscale_p"] == 0.0
+    # every strength is a valid configuration (no colour: no colour target, no colour CASSLE block)
+    for strength in ("none", "weak", "default", "strong"):
+        load_params("params.yaml", {"augment.color_strength": "default", **strength_overrides(p, strength)})
     strong = strength_overrides(p, "strong")
     assert strong["augment.brightness"] == pytest.approx(2 * p.augment.brightness)
     assert strong["augment.hue"] == pytest.approx(min(0.5, 2 * p.augment.hue))
@@ -594,3 +598,30 @@ def test_premise_report_per_method_and_the_schedule_rule(tmp_path):
     # the first study's report on the same ledger reads only its own models: none of these
     text = build(study(tmp_path), tmp_path / "study", ledger).read_text()
     assert "Models finished: **2 of" in text                  # the two strong seed-0 baselines it plans
+def test_a_model_in_any_experiment_commit_this_clone_holds_is_done_and_recognised_by_what_defines_it(tmp_path):
+    """A spread study (README "A study over several machines") skips a model an experiment commit in
+    refs/exps/ holds (trained here, or pulled from the remote another machine pushed to), matched by its
+    run.json: the same method, variant, λ, seed *and* config group (colour strength, params.yaml)."""
+    import subprocess
+
+    from pipeline.study.plan import Block, Study
+    from pipeline.study.share import models_in_experiments
+
+    study = Study("t", [0, 1], [Block("b", ["simclr"], ["baseline"], [1.0], ["strong", "weak"])])
+    s0, s0_weak, s1 = (ModelKey("simclr", "baseline", 0.0, "strong", 0), ModelKey("simclr", "baseline", 0.0, "weak", 0),
+                       ModelKey("simclr", "baseline", 0.0, "strong", 1))
+    group = ledger_mod.params_of(s0, study).group_hash()
+    repo = tmp_path / "repo"
+    (repo / "models" / "simclr-baseline").mkdir(parents=True)
+    info = {"group": group, "lambda": 0.0, "method": "simclr", "seed": 0, "variant": "baseline"}
+    (repo / "models" / "simclr-baseline" / "run.json").write_text(json.dumps(info))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "exp"], cwd=repo, check=True)
+    subprocess.run(["git", "update-ref", "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr", "HEAD"], cwd=repo, check=True)
+    subprocess.run(["git", "checkout", "-q", "--orphan", "empty"], cwd=repo, check=True)   # not in the worktree
+    subprocess.run(["git", "rm", "-rqf", "."], cwd=repo, check=True)
+
+    found = models_in_experiments(study, [s0, s0_weak, s1], repo)
+    assert found == {s0.name: "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr"}

@@ -58,7 +58,9 @@ def mild(params: Params) -> Params:
     """Gentle views, so that two dozen steps of a width-4 network measurably learn."""
     aug = dataclasses.replace(params.augment, crop_scale=(0.6, 1.0), brightness=0.2, contrast=0.2,
                               saturation=0.2, hue=0.05, grayscale_p=0.0)
-    return dataclasses.replace(params, augment=aug)
+    # no grayscale, so CASSLE is not given a grayscale flag (a condition whose op is off is refused)
+    cassle = dataclasses.replace(params.cassle, conditions=[c for c in params.cassle.conditions if c != "grayscale"])
+    return dataclasses.replace(params, augment=aug, cassle=cassle)
 
 
 @torch.no_grad()

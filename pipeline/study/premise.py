@@ -40,7 +40,11 @@ def strength_overrides(params: Params, strength: str) -> dict:
     scaled and capped as ``augment.color_strength`` is (:meth:`AugmentParams.scaled_color`)."""
     s = STRENGTH_SCALE[strength]
     if s == 0.0:
-        return {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0}
+        # No colour op at all: the AugSelf target and the CASSLE blocks that read one go too (an op that is
+        # off is refused there, as its target or condition would be a constant).
+        return {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0,
+                "augself.augmentations": [x for x in params.augself.augmentations if x != "color"],
+                "cassle.conditions": [c for c in params.cassle.conditions if c not in ("color", "color_diff", "grayscale")]}
     return {f"augment.{k}": v for k, v in params.augment.scaled_color(s).items()}
 
 
