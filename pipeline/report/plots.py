@@ -366,5 +366,5 @@ def forest_figure(paired: pd.DataFrame, title: str) -> Figure | None:
     ax.axvline(0.0, color="black", lw=0.8, ls="--")
     ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlabel("Δ (percentage points), 95 % paired interval")
-    ax.set_title(title, fontsize=10)
+    fig.suptitle(title, fontsize=10)       # over the whole figure: the long row labels push the axes right
     return fig
