@@ -296,8 +296,6 @@ def test_the_decision_is_the_t_test_over_seeds_with_holm_not_the_bootstrap(tmp_p
 def test_per_item_scores_are_read_from_the_dvc_experiment_commit_of_the_same_model(tmp_path):
     """When MLflow's artifacts are gone, the experiment commit under refs/exps/ holds the npz files; the
     model is found by what defines it (run.json: method, variant, λ, seed, config group)."""
-    import subprocess
-
     repo = tmp_path / "repo"
     (repo / "models" / "moco-baseline").mkdir(parents=True)
     (repo / "metrics" / "moco-baseline").mkdir(parents=True)
@@ -307,13 +305,7 @@ def test_per_item_scores_are_read_from_the_dvc_experiment_commit_of_the_same_mod
     np.savez(repo / "metrics" / "moco-baseline" / "linear_predictions.npz",
              **{"cfmnist/hue/pred": pred, "cfmnist/hue/label": label})
     np.savez(repo / "metrics" / "moco-baseline" / "fewshot_episodes.npz", **{"cfmnist/hue/5way5shot/acc": [0.4, 0.6]})
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
-    subprocess.run(git + ["commit", "-qm", "exp"], cwd=repo, check=True)
-    subprocess.run(["git", "update-ref", "refs/exps/ab/cdef/study-x", "HEAD"], cwd=repo, check=True)
-    subprocess.run(["git", "checkout", "-q", "--orphan", "empty"], cwd=repo, check=True)   # not in the worktree
-    subprocess.run(["git", "rm", "-rqf", "."], cwd=repo, check=True)
+    commit_as_experiment_ref(repo, "refs/exps/ab/cdef/study-x")
 
     items = ledger_mod.items_from_experiment_refs(ModelKey("moco", "baseline", 0.0, "strong", 1), "g1", repo)
     assert items["linear/cfmnist/hue/top1"].tolist() == [100.0, 0.0, 100.0, 0.0]
@@ -602,8 +594,6 @@ def test_a_model_in_any_experiment_commit_this_clone_holds_is_done_and_recognise
     """A spread study (README "A study over several machines") skips a model an experiment commit in
     refs/exps/ holds (trained here, or pulled from the remote another machine pushed to), matched by its
     run.json: the same method, variant, λ, seed *and* config group (colour strength, params.yaml)."""
-    import subprocess
-
     from pipeline.study.plan import Block, Study
     from pipeline.study.share import models_in_experiments
 
@@ -615,13 +605,21 @@ def test_a_model_in_any_experiment_commit_this_clone_holds_is_done_and_recognise
     (repo / "models" / "simclr-baseline").mkdir(parents=True)
     info = {"group": group, "lambda": 0.0, "method": "simclr", "seed": 0, "variant": "baseline"}
     (repo / "models" / "simclr-baseline" / "run.json").write_text(json.dumps(info))
+    commit_as_experiment_ref(repo, "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr")
+
+    found = models_in_experiments(study, [s0, s0_weak, s1], repo)
+    assert found == {s0.name: "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr"}
+
+
+def commit_as_experiment_ref(repo, ref: str) -> None:
+    """Commit ``repo``'s files as a DVC experiment ref (``refs/exps/…``) and leave them out of its worktree,
+    as a pulled or finished experiment is: only the ref holds them."""
+    import subprocess
+
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
     subprocess.run(git + ["commit", "-qm", "exp"], cwd=repo, check=True)
-    subprocess.run(["git", "update-ref", "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr", "HEAD"], cwd=repo, check=True)
+    subprocess.run(["git", "update-ref", ref, "HEAD"], cwd=repo, check=True)
     subprocess.run(["git", "checkout", "-q", "--orphan", "empty"], cwd=repo, check=True)   # not in the worktree
     subprocess.run(["git", "rm", "-rqf", "."], cwd=repo, check=True)
-
-    found = models_in_experiments(study, [s0, s0_weak, s1], repo)
-    assert found == {s0.name: "refs/exps/ab/cdef/study-strong-lam1-s0-ba-simclr"}
