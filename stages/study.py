@@ -20,9 +20,11 @@ Resumable: killed at any point, `make study` (= run) continues from what the led
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pipeline.study.ledger import done, export_finished
 from pipeline.config import ConfigError
@@ -77,7 +79,16 @@ def _queue_busy() -> bool:
     return bool(_queue_status()[0])
 
 
+def put_this_interpreter_first_on_path() -> None:
+    """`.venv/bin/python -m stages.study run` works without an activated environment: the `dvc` it calls, and
+    the `python` of every queued stage (dvc.yaml's cmd), are this interpreter's, not whatever PATH holds."""
+    here = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != here:
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
+
+
 def main() -> int:
+    put_this_interpreter_first_on_path()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("plan", "run", "export", "gather", "report", "power"))
     ap.add_argument("--study", default="study.yaml")

@@ -623,3 +623,22 @@ def commit_as_experiment_ref(repo, ref: str) -> None:
     subprocess.run(["git", "update-ref", ref, "HEAD"], cwd=repo, check=True)
     subprocess.run(["git", "checkout", "-q", "--orphan", "empty"], cwd=repo, check=True)   # not in the worktree
     subprocess.run(["git", "rm", "-rqf", "."], cwd=repo, check=True)
+
+
+def test_the_study_runner_calls_the_dvc_and_python_of_its_own_interpreter(monkeypatch, tmp_path):
+    """`.venv/bin/python -m stages.study run` from a shell without the environment activated failed with
+    "No such file or directory: 'dvc'" (session 10); the queued stages would also have run PATH's python.
+    The runner puts its interpreter's bin directory first on PATH, once."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import stages.study as runner
+
+    monkeypatch.setenv("PATH", str(tmp_path))          # nothing on it: no dvc, no python
+    runner.put_this_interpreter_first_on_path()
+    runner.put_this_interpreter_first_on_path()
+    bindir = str(Path(sys.executable).parent)
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, str(tmp_path)]
+    assert shutil.which("dvc") == os.path.join(bindir, "dvc")
