@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import augmentations
+from pipeline import augmentations as registry
 from pipeline.config import (ConfigError, check_choice, check_range, check_subset, from_dict,
                              read_yaml, set_dotted, stable_hash, to_dict)
 
@@ -168,7 +168,7 @@ class AugmentParams:
     color_strength: str = "default"     # none | weak | default | strong: scales jitter strengths and grayscale_p
     solarize_p: float = 0.0             # official stl10_sol: 0.5 (threshold ~ U(0, 1))
     rotation_p: float = 0.0             # official stl10_rot: 0.5 (k·90°, k uniform in {0, 1, 2, 3})
-    order: list[str] = field(default_factory=lambda: list(augmentations.pipeline_order()))
+    order: list[str] = field(default_factory=lambda: list(registry.pipeline_order()))
 
     def __post_init__(self):
         lo, hi = self.crop_scale
@@ -176,7 +176,7 @@ class AugmentParams:
         check_range("augment.crop_scale[1]", hi, lo, 1)
         check_range("augment.crop_ratio[0]", self.crop_ratio[0], 0, lo_open=True)
         check_range("augment.crop_ratio[1]", self.crop_ratio[1], self.crop_ratio[0])
-        for aug in augmentations.records():                      # each op's probability (crop: always on)
+        for aug in registry.records():                  # each op's probability (crop: always on)
             if aug.key is not None:
                 check_range(f"augment.{aug.key}", getattr(self, aug.key), 0, 1)
         for k in ("brightness", "contrast", "saturation"):
@@ -187,7 +187,7 @@ class AugmentParams:
         for i, s in enumerate(self.std):
             check_range(f"augment.std[{i}]", s, 0, lo_open=True)
         check_choice("augment.color_strength", self.color_strength, tuple(COLOR_STRENGTHS))
-        order, ops = list(self.order), augmentations.pipeline_order()
+        order, ops = list(self.order), registry.pipeline_order()
         check_subset("augment.order", order, ops)
         if sorted(order) != sorted(ops) or not order or order[0] != "crop":
             raise ConfigError(f"augment.order: {order} must list every op exactly once with crop first "
@@ -213,7 +213,7 @@ class AugmentParams:
     def probability(self, aug: str) -> float:
         """The probability that the view op ``aug`` changes a view (crop: 1, always on); its record's
         (:mod:`pipeline.augmentations`)."""
-        return augmentations.get(aug).probability(self)
+        return registry.get(aug).probability(self)
 
 
 @dataclass
@@ -230,7 +230,7 @@ class AugSelfParams:
         if self.ss_only and self.lambda_ == 0:
             raise ConfigError("augself.ss_only: true with augself.lambda: 0 leaves no loss to train on; "
                               "set augself.lambda > 0 or augself.ss_only: false")
-        targets = augmentations.target_names()
+        targets = registry.target_names()
         if not self.augmentations:
             raise ConfigError(f"augself.augmentations: empty; allowed values: {', '.join(targets)}")
         check_subset("augself.augmentations", self.augmentations, targets)
@@ -258,7 +258,7 @@ class CassleParams:
     width: int = 64                     # its hidden (and, for proj-cat, output) width
 
     def __post_init__(self):
-        blocks = augmentations.cassle_blocks()
+        blocks = registry.cassle_blocks()
         if not self.conditions:
             raise ConfigError(f"cassle.conditions: empty; allowed values: {', '.join(blocks)}")
         check_subset("cassle.conditions", self.conditions, blocks)
@@ -344,7 +344,7 @@ class Params:
         # An AugSelf target needs its augmentation: a view op that is off gives a constant target.  Checked
         # when the AugSelf variant trains (a baseline-only run at augment.color_strength: none is valid).
         for aug in self.augself.augmentations if "augself" in self.variants else []:
-            rec = augmentations.get(aug)
+            rec = registry.get(aug)
             if self.augment.probability(aug) == 0:
                 key = f"augment.{rec.key}"
                 if rec.colour and self.augment.color_strength == "none":
@@ -360,7 +360,7 @@ class Params:
         # when the CASSLE variant trains, as the AugSelf targets are (a baseline-only run at
         # augment.color_strength: none is valid with the default conditions).
         for block in self.cassle.conditions if "cassle" in self.variants else []:
-            rec = augmentations.block_owner(block)
+            rec = registry.block_owner(block)
             if rec.probability(self.augment) == 0:
                 key = f"augment.{rec.key}"
                 raise ConfigError(f"cassle.conditions: {block!r} is listed but its augmentation is off "
