@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.augment import BatchAugment, blur_kernel_size, view_generator  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.params import METHODS, Params, load_params  # noqa: E402
+from pipeline.request import RunRequest  # noqa: E402
 from pipeline.train import (build_optimizer, build_pretrain_model, resolve_amp,  # noqa: E402
                             train_step)
 
@@ -120,7 +121,7 @@ class _Setup:
                  total_steps: int):
         torch.manual_seed(0)
         self.params, self.dev = params, dev
-        self.model, _, _ = build_pretrain_model(params, method, variant, images.shape[1])
+        self.model, _, _ = build_pretrain_model(RunRequest.resolve(params, method, variant), images.shape[1])
         self.model.to(dev)
         if params.ssl.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -50,7 +50,7 @@ What this module owns, and the choices made (read from the paper, the README and
   BYOL): the target projector is the EMA copy of the whole :class:`ConditionedProjector`, ω
   embedding included, and it receives the *target view's own* ω, as their momentum branch does.
 * **No AugSelf loss.**  Their code can add the AugSelf loss to CASSLE, but CASSLE itself is run
-  without it, so ``Params.lambda_for("cassle")`` is 0 and no AugSelf head is built.
+  without it, so its request's λ is 0 (:class:`pipeline.request.RunRequest`) and no AugSelf head is built.
 * **Hyper-parameters** as the baseline (their IN-100 runs use the baseline's optimiser).
 
 Where the encoded vector is built: :class:`pipeline.train.PretrainModel` calls

@@ -1,7 +1,8 @@
 """The pretraining loop: one SSL method, optionally with the AugSelf auxiliary loss.
 
-``pretrain(params, method, variant, images, out_dir)`` trains ``method`` on ``images`` (uint8 NHWC)
-and writes, under ``out_dir``:
+``pretrain_request(request, images, out_dir)`` trains a :class:`~pipeline.request.RunRequest` on
+``images`` (uint8 NHWC); ``pretrain(params, method, variant, images, out_dir)`` resolves the request
+from the names first.  It writes, under ``out_dir``:
 
 ``checkpoint.pt``  resumable state (atomic write): model, AugSelf head, optimiser, scheduler, AMP
                    scaler, step, epoch, RNG states, loss history, and the :func:`training_hash`.
@@ -18,7 +19,8 @@ reproduces leaves git clean; the timing files are DVC-cached outputs (not in git
 
 Reading order
 -------------
-:func:`pretrain` checks the request once (:func:`check_request`, the images, the world size) and
+The request was checked once, where it was resolved (:meth:`RunRequest.resolve`);
+:func:`pretrain_request` checks what only the loop knows (the images, the world size) and
 :func:`_pretrain` is the loop, one named phase per function, each taking the shared :class:`_Run`:
 ``_setup`` (schedule sizes, seeded model, optimiser) → ``_resume`` (checkpoint or fresh RNG
 stream) → ``_place`` (DDP/compile, data on the device) → per step ``_train_step`` → at log points
@@ -27,7 +29,7 @@ stream) → ``_place`` (DDP/compile, data on the device) → per step ``_train_s
 
 Conventions
 -----------
-* **Loss.** ``L = L_SSL + λ·Σ_aug w_aug·L_aug`` with ``λ = params.lambda_for(variant)``.  With
+* **Loss.** ``L = L_SSL + λ·Σ_aug w_aug·L_aug`` with the request's ``λ`` (``lam``).  With
   ``λ = 0`` no AugSelf head is built, so the baseline pays nothing for it.
 * **Data.** The whole uint8 array lives on the training device (copied from pinned memory when it
   goes to CUDA).  Epoch ``e`` visits a permutation drawn from a generator seeded by ``(seed, e)``;
@@ -106,10 +108,12 @@ from pipeline.methods import build_method
 from pipeline.models import build_backbone
 from pipeline.monitor import KnnMonitor, MonitorData
 from pipeline.params import METHODS, SSL_BOOKKEEPING_KEYS, Params
+from pipeline.request import RunRequest
 
-__all__ = ["pretrain", "TrainResult", "NonFiniteLossError", "training_hash", "checkpoint_resumable", "PretrainModel",
+__all__ = ["pretrain", "pretrain_request", "RunRequest", "TrainResult", "NonFiniteLossError", "training_hash",
+           "checkpoint_resumable", "PretrainModel",
            "build_pretrain_model", "build_optimizer", "lr_factor", "resolve_amp", "train_step",
-           "check_request", "CHECKPOINT", "FINAL", "METRICS", "LOSSES", "TIMING", "TIMING_CSV", "MONITOR"]
+           "CHECKPOINT", "FINAL", "METRICS", "LOSSES", "TIMING", "TIMING_CSV", "MONITOR"]
 
 CHECKPOINT, FINAL, METRICS, LOSSES, TIMING = "checkpoint.pt", "final.pt", "metrics.json", "losses.csv", "timing.json"
 TIMING_CSV, MONITOR = "timing.csv", "monitor.csv"
@@ -146,42 +150,40 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- config helpers
-def training_hash(params: Params, method: str, variant: str) -> str:
-    """Hash of everything that determines the trained weights of (method, variant).
+def training_hash(request: RunRequest) -> str:
+    """Hash of everything that determines the trained weights of ``request``.
 
     Covers the seed, the pretraining dataset (its name, its entry under ``data.datasets`` and
     ``data.seed``, which fix the images), ``ssl`` without ``methods`` and the bookkeeping keys
-    (:data:`pipeline.params.SSL_BOOKKEEPING_KEYS`) and without the other methods' sections,
-    ``augment``, this method's parameters, λ, and ``augself`` when λ > 0 (a baseline does not
-    depend on it), ``cassle`` for the CASSLE variant (the only one it shapes), and
-    :func:`training_code_fingerprint`: a checkpoint written by other training code
+    (:data:`pipeline.params.SSL_BOOKKEEPING_KEYS`) and without the methods' sections, ``augment``,
+    the method and its section, λ, the AugSelf section when the head is trained (a baseline does not
+    depend on it), the CASSLE section when the projector is conditioned (the only variant it shapes),
+    and :func:`training_code_fingerprint`: a checkpoint written by other training code
     is never resumed or reused, so fixing a bug in, say, the augmentations retrains the model.
     """
-    check_choice("method", method, METHODS)
-    lam = params.lambda_for(variant)
-    d = to_dict(params)
+    d = to_dict(request.params)
     payload = {
         "seed": d["seed"],
         "data": {"pretrain": d["data"]["pretrain"], "seed": d["data"]["seed"],
                  "entry": d["data"]["datasets"][d["data"]["pretrain"]]},
         "ssl": {k: v for k, v in d["ssl"].items() if k not in _NOT_TRAINING_KEYS},
         "augment": d["augment"],
-        "method": method,
-        "method_params": d["ssl"][method],
-        "lambda": lam,
+        "method": request.method,
+        "method_params": to_dict(request.method_params),
+        "lambda": request.lam,
         "code": training_code_fingerprint(),
     }
-    if lam > 0:
-        payload["augself"] = {k: v for k, v in d["augself"].items() if k != "lambda"}
-    if variant == "cassle":
-        payload["cassle"] = d["cassle"]
+    if request.uses_augself:
+        payload["augself"] = {k: v for k, v in to_dict(request.augself).items() if k != "lambda"}
+    if request.uses_cassle:
+        payload["cassle"] = to_dict(request.cassle)
     return stable_hash(payload)
 
 
 # The modules whose source determines the trained weights (the same list as the pretrain stages'
 # code deps in dvc.yaml, less the glue that only logs and writes files).
 TRAINING_CODE = ("train.py", "augment.py", "augself.py", "cassle.py", "models.py", "methods", "distributed.py",
-                 "checkpoint.py", "data/prepared.py")
+                 "checkpoint.py", "data/prepared.py", "request.py")
 # The rest of the pretrain stages' pipeline/ deps: the glue, which logs and writes files but does not
 # change the weights (tests/test_keys.py: TRAINING_CODE + PRETRAIN_GLUE are the stage's deps).
 PRETRAIN_GLUE = ("monitor.py", "tracking.py", "workflow.py")
@@ -274,29 +276,24 @@ class PretrainModel(nn.Module):
         return total, torch.stack([loss_ssl, *per_aug, total])
 
 
-def build_pretrain_model(params: Params, method: str, variant: str, image_size: int) -> tuple[PretrainModel, nn.Module, dict]:
+def build_pretrain_model(request: RunRequest, image_size: int) -> tuple[PretrainModel, nn.Module, dict]:
     """Build backbone, method and head; returns ``(model, backbone, backbone_info)``.
 
     ``backbone_info`` holds the keys of final.pt that describe the architecture.  Parameters are
     initialised from the global torch RNG: seed it first for a reproducible initialisation.
-    The variant decides the rest: ``baseline`` the method alone, ``augself`` the method and the
-    AugSelf head (λ = ``augself.lambda``, ``augself.ss_only``), ``cassle`` the method with its
-    projector conditioned on ω (``cassle`` section, :mod:`pipeline.cassle`) and no AugSelf head.
+    The request decides the rest: the method with its own section, the AugSelf head when it is
+    trained (λ, ``augself.ss_only``), the projector conditioned on ω when it is (the ``cassle``
+    section, :mod:`pipeline.cassle`).
     """
-    ssl = params.ssl
-    lam = params.lambda_for(variant)
-    ss_only = variant == "augself" and params.augself.ss_only
-    if ss_only and distributed.world_size() > 1:
-        raise ConfigError("augself.ss_only: not supported under DDP (the projector gets no gradient, which "
-                          "DistributedDataParallel refuses); run it on one process or set augself.ss_only: false")
+    ssl = request.params.ssl
     cifar_stem = ssl.cifar_stem if ssl.cifar_stem is not None else image_size <= 64
     backbone, feat_dim = build_backbone(ssl.backbone, image_size, ssl.width, cifar_stem)
-    conditioning = Conditioning.from_params(params.cassle) if variant == "cassle" else None
-    ssl_method = build_method(method, backbone, feat_dim, ssl.method(method), conditioning)
-    head = build_augself_head(feat_dim, params.augself, lam)
+    conditioning = Conditioning.from_params(request.cassle) if request.uses_cassle else None
+    ssl_method = build_method(request.method, backbone, feat_dim, request.method_params, conditioning)
+    head = build_augself_head(feat_dim, request.augself, request.lam) if request.uses_augself else None
     info = {"backbone_name": ssl.backbone, "width": ssl.width, "cifar_stem": bool(cifar_stem),
             "image_size": int(image_size), "feat_dim": int(feat_dim)}
-    return PretrainModel(ssl_method, head, lam, ss_only), backbone, info
+    return PretrainModel(ssl_method, head, request.lam, request.ss_only), backbone, info
 
 
 def build_optimizer(params: Params, model: PretrainModel, steps_per_epoch: int, total_steps: int):
@@ -451,7 +448,7 @@ class _Progress:
         self.on = enabled and run.main
         self.tty = self.on and sys.stderr.isatty()
         self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not self.tty, unit="step",
-                        desc=f"{run.method}-{run.variant}", dynamic_ncols=True, leave=True)
+                        desc=f"{run.request.method}-{run.request.variant}", dynamic_ncols=True, leave=True)
         self.t0 = self.epoch_t0 = time.perf_counter()
         self.first_step = run.step
 
@@ -471,7 +468,7 @@ class _Progress:
         knn = "".join(f"  {k.removeprefix('monitor/')} {v:.1f}" for k, v in monitor.items() if k.endswith("knn_top1"))
         speed = run.steps_per_epoch * run.params.ssl.batch_size / max(now - self.epoch_t0, 1e-9)
         eta = (now - self.t0) / max(done, 1) * (run.stop_at - run.step)
-        print(f"[pretrain] {run.method}-{run.variant} epoch {epoch}/{run.params.ssl.epochs}  {terms}{knn}  "
+        print(f"[pretrain] {run.request.method}-{run.request.variant} epoch {epoch}/{run.params.ssl.epochs}  {terms}{knn}  "
               f"{speed:.0f} img/s  elapsed {_clock(now - self.t0)}  ETA {_clock(eta)}", file=sys.stderr, flush=True)
         self.epoch_t0 = now
 
@@ -502,23 +499,21 @@ def _validate_images(images: np.ndarray, batch_size: int) -> None:
                           f"lower ssl.batch_size or raise data.datasets.<name>.max_train")
 
 
-def check_request(params: Params, method: str, variant: str) -> None:
-    """The one check of what a caller asks to train: ``method`` in ``ssl.methods``, a known ``variant``.
-
-    Called where the request enters the library (:func:`pretrain`, and the stage glue
-    :func:`pipeline.workflow.run_pretraining` before it starts an MLflow run); the loop and the
-    helpers below it take the names as checked.
-    """
-    check_choice("ssl.methods", method, params.ssl.methods)
-    check_choice("variants", variant, params.variants)
-
-
 # ---------------------------------------------------------------------------- the loop
 def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_dir: str | Path,
-             on_log: Callable[[int, dict[str, float]], None] | None = None, device: str | None = None,
-             max_steps: int | None = None, progress: bool = True,
-             inject_nan: str | None = None, monitor: MonitorData | None = None) -> TrainResult:
-    """Pretrain ``method`` (``variant`` ``baseline``: λ = 0, ``augself``: λ = augself.lambda) on ``images``.
+             **options) -> TrainResult:
+    """Pretrain ``method`` × ``variant`` of ``params``: :meth:`RunRequest.resolve` (the check of the
+    names) and :func:`pretrain_request`, which takes the ``options``.  The entry for a caller that
+    holds the names (tests, the premise study, the benches); the stage glue resolves the request
+    itself (:func:`pipeline.workflow.run_pretraining`)."""
+    return pretrain_request(RunRequest.resolve(params, method, variant), images, out_dir, **options)
+
+
+def pretrain_request(request: RunRequest, images: np.ndarray, out_dir: str | Path,
+                     on_log: Callable[[int, dict[str, float]], None] | None = None, device: str | None = None,
+                     max_steps: int | None = None, progress: bool = True,
+                     inject_nan: str | None = None, monitor: MonitorData | None = None) -> TrainResult:
+    """Pretrain ``request`` (λ = 0 without the AugSelf head, ``augself.lambda`` with it) on ``images``.
 
     ``images``: uint8 ``(N, S, S, 3)``.  ``device``: default ``cuda`` when available (under DDP the
     rank's ``cuda:LOCAL_RANK``), else ``cpu``.  ``on_log(step, metrics)`` is called on rank 0 every
@@ -535,12 +530,15 @@ def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_
     ``augself/<aug>`` or ``total``) poisons that loss term with NaN; the environment variable
     ``AUGSELF_INJECT_NAN`` does the same for a run launched from the command line.
     """
-    check_request(params, method, variant)
+    params = request.params
     _validate_images(images, params.ssl.batch_size)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if params.ssl.batch_size % env_world:
         raise ConfigError(f"ssl.batch_size: {params.ssl.batch_size} does not divide by the world size {env_world} "
                           f"(the global batch is split evenly across DDP ranks); use a multiple of {env_world}")
+    if request.ss_only and env_world > 1:
+        raise ConfigError("augself.ss_only: not supported under DDP (the projector gets no gradient, which "
+                          "DistributedDataParallel refuses); run it on one process or set augself.ss_only: false")
     nan_hook = _parse_nan_hook(inject_nan)
 
     ctx = distributed.setup_from_env() if env_world > 1 else None
@@ -550,20 +548,19 @@ def pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_
             dev = ctx.device
         else:
             dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return _pretrain(params, method, variant, images, Path(out_dir), on_log, dev, max_steps, progress,
-                         nan_hook, monitor)
+        return _pretrain(request, images, Path(out_dir), on_log, dev, max_steps, progress, nan_hook, monitor)
     finally:
         torch.set_num_threads(threads)       # ssl.threads applies to this run only
         if ctx is not None:
             distributed.cleanup()
 
 
-def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out_dir: Path, on_log,
-              dev: torch.device, max_steps: int | None, progress: bool, nan_hook: tuple[int, str] | None,
+def _pretrain(request: RunRequest, images: np.ndarray, out_dir: Path, on_log, dev: torch.device,
+              max_steps: int | None, progress: bool, nan_hook: tuple[int, str] | None,
               monitor: MonitorData | None) -> TrainResult:
     """The loop, phase by phase: set up, resume, place, then step / read losses / log / monitor /
     checkpoint until ``stop_at``, and finish (final.pt and the DVC files)."""
-    run = _setup(params, method, variant, images, out_dir, on_log, dev, max_steps, nan_hook, monitor)
+    run = _setup(request, images, out_dir, on_log, dev, max_steps, nan_hook, monitor)
     _resume(run)
     _place(run, images)
     shown = _Progress(run, progress)
@@ -572,7 +569,7 @@ def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out
         while run.step < run.stop_at:
             _train_step(run)
             shown.update()
-            step, ssl = run.step, params.ssl
+            step, ssl = run.step, run.params.ssl
             at_log = step % ssl.log_every == 0 or step == run.total_steps
             at_epoch = step % run.steps_per_epoch == 0
             at_ckpt = step % ssl.checkpoint_every == 0 or step == run.stop_at
@@ -593,9 +590,7 @@ def _pretrain(params: Params, method: str, variant: str, images: np.ndarray, out
 @dataclass
 class _Run:
     """What the phases of one run share: the request, the built objects and the loop's counters."""
-    params: Params
-    method: str
-    variant: str
+    request: RunRequest
     out_dir: Path
     dev: torch.device
     on_log: Callable[[int, dict[str, float]], None] | None
@@ -631,6 +626,10 @@ class _Run:
     timing_rows: list[dict] = field(default_factory=list)    # timing.csv rows so far
 
     @property
+    def params(self) -> Params:
+        return self.request.params
+
+    @property
     def main(self) -> bool:
         return self.rank == 0
 
@@ -639,13 +638,13 @@ class _Run:
         return self.out_dir / CHECKPOINT
 
 
-def _setup(params: Params, method: str, variant: str, images: np.ndarray, out_dir: Path, on_log,
-           dev: torch.device, max_steps: int | None, nan_hook: tuple[int, str] | None,
-           monitor: MonitorData | None) -> _Run:
+def _setup(request: RunRequest, images: np.ndarray, out_dir: Path, on_log, dev: torch.device,
+           max_steps: int | None, nan_hook: tuple[int, str] | None, monitor: MonitorData | None) -> _Run:
     """Sizes of the schedule, the model (seeded initialisation), optimiser, scaler and loss log."""
+    params = request.params
     ssl = params.ssl
     rank, world = distributed.rank(), distributed.world_size()
-    phash = training_hash(params, method, variant)
+    phash = training_hash(request)
     if ssl.threads > 0:
         torch.set_num_threads(ssl.threads)
     steps_per_epoch = images.shape[0] // ssl.batch_size
@@ -655,7 +654,7 @@ def _setup(params: Params, method: str, variant: str, images: np.ndarray, out_di
         out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(params.seed)            # identical initialisation on every rank (DDP also broadcasts it)
-    model, backbone, arch = build_pretrain_model(params, method, variant, images.shape[1])
+    model, backbone, arch = build_pretrain_model(request, images.shape[1])
     model.to(dev)
     if use_channels_last(ssl, dev):
         model.to(memory_format=torch.channels_last)
@@ -667,7 +666,7 @@ def _setup(params: Params, method: str, variant: str, images: np.ndarray, out_di
         raise ValueError(f"inject_nan: unknown term {nan_hook[1]!r}; this run has {', '.join(model.term_names)}")
     knn = (KnnMonitor(monitor, params.augment.mean, params.augment.std, params.eval.batch_size, dev)
            if monitor is not None and ssl.monitor_every > 0 else None)
-    return _Run(params, method, variant, out_dir, dev, on_log, rank, world, phash, steps_per_epoch, total_steps,
+    return _Run(request, out_dir, dev, on_log, rank, world, phash, steps_per_epoch, total_steps,
                 stop_at, amp_dtype, model, backbone, arch, optimizer, scheduler, scaler, log, knn, nan_hook)
 
 
@@ -842,7 +841,7 @@ def _save_checkpoint(run: _Run) -> None:
     model = run.model
     ckpt_io.save_atomic({
         "version": _CKPT_VERSION, "params_hash": run.phash, "world_size": run.world,
-        "method": run.method, "variant": run.variant, "lambda": model.lam,
+        "method": run.request.method, "variant": run.request.variant, "lambda": model.lam,
         "step": run.step, "epoch": run.step // run.steps_per_epoch, "total_steps": run.total_steps,
         "model": model.method.state_dict(),
         "head": model.head.state_dict() if model.head is not None else None,
@@ -869,7 +868,7 @@ def _finish(run: _Run) -> TrainResult:
     if finished and run.main:
         p = run.params
         final = {"backbone": {k: v.detach().cpu().clone() for k, v in run.backbone.state_dict().items()},
-                 **run.arch, "method": run.method, "variant": run.variant, "lambda": run.model.lam,
+                 **run.arch, "method": run.request.method, "variant": run.request.variant, "lambda": run.model.lam,
                  "mean": list(p.augment.mean), "std": list(p.augment.std), "params_hash": run.phash}
         result.final = ckpt_io.save_atomic(final, run.out_dir / FINAL)
         # metrics.json, losses.csv and monitor.csv are DVC files committed to git and must be
@@ -883,7 +882,7 @@ def _finish(run: _Run) -> TrainResult:
     return result
 
 
-def checkpoint_resumable(params: Params, method: str, variant: str, out_dir: str | Path) -> bool:
+def checkpoint_resumable(request: RunRequest, out_dir: str | Path) -> bool:
     """True when ``out_dir/checkpoint.pt`` exists and :func:`pretrain` would resume it (same hash)."""
     path = Path(out_dir) / CHECKPOINT
     if not path.exists():
@@ -893,7 +892,7 @@ def checkpoint_resumable(params: Params, method: str, variant: str, out_dir: str
     except Exception:
         return False
     return (state.get("version") == _CKPT_VERSION
-            and state.get("params_hash") == training_hash(params, method, variant)
+            and state.get("params_hash") == training_hash(request)
             and state.get("world_size") == int(os.environ.get("WORLD_SIZE", "1")))
 
 

@@ -96,6 +96,19 @@ def _train(tmp_path, monkeypatch, variant: str) -> dict[str, str]:
             "losses.csv": _sha((out / "losses.csv").read_bytes())}
 
 
+def _training_hashes() -> dict[str, str]:
+    """The hashes of the default params for two methods × every variant (``ssl.methods`` lists them
+    all so each request resolves; the method list is not part of the hash)."""
+    from pipeline import train
+    from pipeline.config import from_dict, set_dotted, to_dict
+    from pipeline.params import METHODS
+    from pipeline.request import RunRequest
+
+    params = from_dict(Params, set_dotted(to_dict(Params()), {"ssl.methods": list(METHODS)}))
+    return {f"{m}-{v}": train.training_hash(RunRequest.resolve(params, m, v))
+            for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")}
+
+
 def _omega_pins() -> dict[str, str]:
     from pipeline.augself import augself_targets
     from pipeline.cassle import omega_vector
@@ -120,9 +133,7 @@ def test_training_hash_is_pinned(monkeypatch):
     from pipeline import train
 
     monkeypatch.setattr(train, "training_code_fingerprint", lambda: FIXED_CODE)
-    got = {f"{m}-{v}": train.training_hash(Params(), m, v)
-           for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")}
-    assert got == TRAINING_HASHES
+    assert _training_hashes() == TRAINING_HASHES
 
 
 @floats
@@ -150,8 +161,7 @@ def _print_pins():  # pragma: no cover - run by hand to (re-)pin
 
     real = train.training_code_fingerprint
     train.training_code_fingerprint = lambda: FIXED_CODE
-    print("TRAINING_HASHES =", {f"{m}-{v}": train.training_hash(Params(), m, v)
-                                for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")})
+    print("TRAINING_HASHES =", _training_hashes())
     print("OMEGA_PINS =", _omega_pins())
     with tempfile.TemporaryDirectory() as d:
         print("RUN_PINS =", {v: _train(Path(d), MP(), v) for v in ("baseline", "augself", "cassle")})
