@@ -4,8 +4,8 @@ A run is asked for by name, ``(params, method, variant)``.  :meth:`RunRequest.re
 place those names are checked and turned into what training reads: the method and its own section of
 ``ssl``, λ, the AugSelf-only ablation, the AugSelf head's section (when λ > 0) and the CASSLE
 conditioning's section (for the CASSLE variant).  Everything downstream (the training hash
-:func:`pipeline.train.training_hash`, the model recipe
-:func:`pipeline.train.build_pretrain_model`, the loop, MLflow's tags and params
+:func:`pipeline.fingerprint.training_hash`, the model recipe
+:func:`pipeline.recipe.build_pretrain_model`, the loop, MLflow's tags and params
 (:mod:`pipeline.tracking`) and ``run.json``) reads these fields and never derives them again.
 
 It is resolved where a request enters the library: the pretrain stage's glue

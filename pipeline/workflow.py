@@ -390,7 +390,7 @@ def write_headline(params: Params, metrics_dir: Path, out_dir: Path) -> Path:
     return write_json(Path(out_dir) / HEADLINE, out)
 
 
-# pipeline.train.TIMING_KEYS, spelled out: importing pipeline.train imports torch, which the report stage
+# pipeline.run_state.TIMING_KEYS, spelled out: importing it imports torch, which the report stage
 # does not otherwise need (issue 23 item 2); tests/test_overhead.py keeps the two equal.
 REPORT_LEAVES_OUT = ("pretrain/images_per_s", "pretrain/wall_time_s", "pretrain/monitor_s")
 

@@ -17,7 +17,9 @@ from pipeline.methods import build_method
 from pipeline.models import build_backbone, load_backbone
 from pipeline.params import CASSLE_BLOCKS, METHODS, CassleParams, Params
 from pipeline.request import RunRequest
-from pipeline.train import FINAL, build_pretrain_model, pretrain, training_hash
+from pipeline.fingerprint import training_hash
+from pipeline.recipe import build_pretrain_model
+from pipeline.train import FINAL, pretrain
 from tests.test_methods import tiny_params as tiny_method_params
 from tests.test_train import SIZE, tiny_images
 from tests.test_train import tiny_params as tiny_train_params

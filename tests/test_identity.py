@@ -83,9 +83,9 @@ def tiny_params() -> Params:
 
 
 def _train(tmp_path, monkeypatch, variant: str) -> dict[str, str]:
-    from pipeline import checkpoint, train
+    from pipeline import checkpoint, fingerprint, train
 
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: FIXED_CODE)
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: FIXED_CODE)
     images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
     out = tmp_path / variant
     result = train.pretrain(tiny_params(), "simclr", variant, images, out, device="cpu", progress=False)
@@ -99,13 +99,13 @@ def _train(tmp_path, monkeypatch, variant: str) -> dict[str, str]:
 def _training_hashes() -> dict[str, str]:
     """The hashes of the default params for two methods × every variant (``ssl.methods`` lists them
     all so each request resolves; the method list is not part of the hash)."""
-    from pipeline import train
     from pipeline.config import from_dict, set_dotted, to_dict
+    from pipeline.fingerprint import training_hash
     from pipeline.params import METHODS
     from pipeline.request import RunRequest
 
     params = from_dict(Params, set_dotted(to_dict(Params()), {"ssl.methods": list(METHODS)}))
-    return {f"{m}-{v}": train.training_hash(RunRequest.resolve(params, m, v))
+    return {f"{m}-{v}": training_hash(RunRequest.resolve(params, m, v))
             for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")}
 
 
@@ -130,9 +130,9 @@ def test_group_hash_is_pinned():
 
 
 def test_training_hash_is_pinned(monkeypatch):
-    from pipeline import train
+    from pipeline import fingerprint
 
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: FIXED_CODE)
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: FIXED_CODE)
     assert _training_hashes() == TRAINING_HASHES
 
 
@@ -157,15 +157,15 @@ def _print_pins():  # pragma: no cover - run by hand to (re-)pin
 
     torch.set_num_threads(1)
     print("GROUP_HASH_DEFAULT =", repr(Params().group_hash()))
-    from pipeline import train
+    from pipeline import fingerprint
 
-    real = train.training_code_fingerprint
-    train.training_code_fingerprint = lambda: FIXED_CODE
+    real = fingerprint.training_code_fingerprint
+    fingerprint.training_code_fingerprint = lambda: FIXED_CODE
     print("TRAINING_HASHES =", _training_hashes())
     print("OMEGA_PINS =", _omega_pins())
     with tempfile.TemporaryDirectory() as d:
         print("RUN_PINS =", {v: _train(Path(d), MP(), v) for v in ("baseline", "augself", "cassle")})
-    train.training_code_fingerprint = real
+    fingerprint.training_code_fingerprint = real
 
 
 if __name__ == "__main__":

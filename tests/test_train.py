@@ -22,8 +22,10 @@ from pipeline.config import ConfigError
 from pipeline.models import load_backbone
 from pipeline.params import METHODS, MethodParams, Params
 from pipeline.request import RunRequest
+from pipeline.fingerprint import training_hash
+from pipeline.recipe import build_pretrain_model, lr_factor
 from pipeline.train import (CHECKPOINT, FINAL, LOSSES, METRICS, NAN_ENV, TIMING, NonFiniteLossError,
-                            build_pretrain_model, checkpoint_resumable, lr_factor, pretrain, training_hash)
+                            checkpoint_resumable, pretrain)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -226,12 +228,12 @@ def test_hash_mismatch_starts_fresh(tmp_path, capsys):
 
 def test_checkpoint_of_other_training_code_is_not_reused(tmp_path, monkeypatch):
     """A finished run is not reused once the training code changed (a bug fix must retrain)."""
-    import pipeline.train as train
+    import pipeline.fingerprint as fingerprint
 
     params = tiny_params(epochs=1)
     pretrain(params, "simclr", "baseline", tiny_images(), tmp_path, device="cpu", progress=False)
     assert checkpoint_resumable(RunRequest.resolve(params, "simclr", "baseline"), tmp_path)
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: "edited-code")
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: "edited-code")
     assert not checkpoint_resumable(RunRequest.resolve(params, "simclr", "baseline"), tmp_path)
 
 

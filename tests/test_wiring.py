@@ -27,7 +27,8 @@ import pipeline.train as train
 from pipeline.augment import BatchAugment, view_generator
 from pipeline.params import METHODS, Params
 from pipeline.request import RunRequest
-from pipeline.train import build_optimizer, build_pretrain_model, pretrain, train_step
+from pipeline.recipe import build_optimizer, build_pretrain_model, train_step
+from pipeline.train import pretrain
 from tests.test_train import SIZE, mild, tiny_images, tiny_params
 
 LAMBDA = 0.37

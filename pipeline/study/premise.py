@@ -72,7 +72,8 @@ def _backbone_at(params: Params, method: str, run_dir: Path, epoch: int, images:
     import torch
 
     from pipeline.request import RunRequest
-    from pipeline.train import build_pretrain_model, pretrain_request
+    from pipeline.recipe import build_pretrain_model
+    from pipeline.train import pretrain_request
 
     request = RunRequest.resolve(params, method, "baseline")
     if epoch == 0:
