@@ -18,7 +18,7 @@ and torch threads:
   (default 0, 1, 2); the best is what ours is compared with.  Each round starts a fresh iterator,
   feeds ``2·workers + 1`` untimed steps (the workers' head start), times its steps and shuts the
   workers down, so they never run during another condition.
-* **ceiling**: the same model, optimiser and step (:func:`pipeline.train.train_step`) fed by views
+* **ceiling**: the same model, optimiser and step (:func:`pipeline.recipe.train_step`) fed by views
   augmented once beforehand (4 batches, cycled): forward + backward + SGD step, no augmentation.
 
 Opt-in rows that try to raise the ceiling (item 3): ``--layouts`` (the ceiling in the other memory

@@ -77,11 +77,11 @@ def make_project(dest: Path) -> Path:
 # (file, function) whose cumulative seconds the profile split reports, per stage process.  Nested ones
 # overlap (log_metrics is called inside pretrain through on_log): the docs' table composes them by hand.
 PROFILED = {
-    "pretrain": ("pipeline/train.py", "pretrain"),
+    "pretrain": ("pipeline/train.py", "pretrain_request"),
     "train_setup": ("pipeline/train.py", "_setup"),
     "train_place": ("pipeline/train.py", "_place"),
-    "train_finish": ("pipeline/train.py", "_finish"),
-    "checkpoints": ("pipeline/train.py", "_save_checkpoint"),
+    "train_finish": ("pipeline/run_state.py", "finish"),
+    "checkpoints": ("pipeline/run_state.py", "save_checkpoint"),
     "knn_monitor": ("pipeline/train.py", "_monitor"),
     "pretrain_images": ("pipeline/data/prepared.py", "pretrain_images"),
     "monitor_data": ("pipeline/workflow.py", "monitor_data"),

@@ -2,7 +2,7 @@
 
 For every method in ``--methods`` it times the pretraining step of :mod:`pipeline.train` (the same
 code path the loop runs: index the on-device uint8 data, two :class:`~pipeline.augment.BatchAugment`
-calls on a :func:`~pipeline.augment.view_generator`, :func:`~pipeline.train.train_step`,
+calls on a :func:`~pipeline.augment.view_generator`, :func:`~pipeline.recipe.train_step`,
 ``on_step_end``) and reports
 
 * images/s with λ = 0 (baseline) and λ = 1 (AugSelf head on ``augself.augmentations``), and the
@@ -47,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 from pipeline.augment import BatchAugment, blur_kernel_size, view_generator  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.params import METHODS, Params, load_params  # noqa: E402
-from pipeline.train import (build_optimizer, build_pretrain_model, resolve_amp,  # noqa: E402
-                            train_step)
+from pipeline.request import RunRequest  # noqa: E402
+from pipeline.recipe import (build_optimizer, build_pretrain_model, resolve_amp,  # noqa: E402
+                             train_step)
 
 PRESETS = {
     "cpu": dict(device="cpu", backbone="resnet_small", width=16, image_size=32, batch_size=256, amp="off"),
@@ -120,7 +121,7 @@ class _Setup:
                  total_steps: int):
         torch.manual_seed(0)
         self.params, self.dev = params, dev
-        self.model, _, _ = build_pretrain_model(params, method, variant, images.shape[1])
+        self.model, _, _ = build_pretrain_model(RunRequest.resolve(params, method, variant), images.shape[1])
         self.model.to(dev)
         if params.ssl.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -86,7 +86,12 @@ def augself_targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, tor
     the negation for the differences and the same for flip, except for the crop x-target under
     ``official_flip_mirror`` where the official code mirrors with the other view's flag.
     """
-    augmentations = _check_augmentations(augmentations)
+    return _targets(omega1, omega2, _check_augmentations(augmentations), official_flip_mirror)
+
+
+def _targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, torch.Tensor], augmentations: list[str],
+             official_flip_mirror: bool) -> dict[str, torch.Tensor]:
+    """:func:`augself_targets` for ``augmentations`` already checked (the head checks its own once, when built)."""
     return {a: _target(a).build(omega1, omega2, official_flip_mirror)
             for a in registry.target_names() if a in augmentations}
 
@@ -189,8 +194,8 @@ class AugSelfHead(nn.Module):
                         omega2: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-augmentation losses with both orders' targets built from ω (the training-loop entry point)."""
         with torch.no_grad():
-            t12 = augself_targets(omega1, omega2, self.augmentations, self.official_flip_mirror)
-            t21 = augself_targets(omega2, omega1, self.augmentations, self.official_flip_mirror)
+            t12 = _targets(omega1, omega2, self.augmentations, self.official_flip_mirror)
+            t21 = _targets(omega2, omega1, self.augmentations, self.official_flip_mirror)
         return self(f1, f2, t12, t21)
 
     def weighted_total(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:

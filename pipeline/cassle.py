@@ -51,10 +51,10 @@ What this module owns, and the choices made (read from the paper, the README and
   BYOL): the target projector is the EMA copy of the whole :class:`ConditionedProjector`, ω
   embedding included, and it receives the *target view's own* ω, as their momentum branch does.
 * **No AugSelf loss.**  Their code can add the AugSelf loss to CASSLE, but CASSLE itself is run
-  without it, so ``Params.lambda_for("cassle")`` is 0 and no AugSelf head is built.
+  without it, so its request's λ is 0 (:class:`pipeline.request.RunRequest`) and no AugSelf head is built.
 * **Hyper-parameters** as the baseline (their IN-100 runs use the baseline's optimiser).
 
-Where the encoded vector is built: :class:`pipeline.train.PretrainModel` calls
+Where the encoded vector is built: :class:`pipeline.recipe.PretrainModel` calls
 :func:`omega_vector` on each view's ω and passes the two vectors to the method's ``forward(v1, v2,
 cond1, cond2)``, whose :meth:`pipeline.methods.base.SSLMethod.project` hands them to this module's
 projector.  So the four methods stay one file each and know nothing of the encoding.

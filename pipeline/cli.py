@@ -32,7 +32,7 @@ def write_json(path: str | Path, data: dict) -> Path:
     """The stages' JSON writer: :func:`pipeline.checkpoint.write_json` (one atomic helper), imported when
     called: pipeline.checkpoint imports torch, and a stage that writes no JSON (validate, report) should
     not pay that import (issue 23 item 2).  pipeline.checkpoint itself is left as it is: it is training
-    code (pipeline.train.TRAINING_CODE), and an edit there changes every final.pt's params hash."""
+    code (pipeline.fingerprint.TRAINING_CODE), and an edit there changes every final.pt's params hash."""
     from pipeline.checkpoint import write_json as write
 
     return write(path, data)

@@ -373,12 +373,6 @@ class Params:
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"variants: {self.variants} lists a variant twice")
 
-    def lambda_for(self, variant: str) -> float:
-        """The AugSelf weight λ of ``variant``: ``augself.lambda`` for AugSelf, 0 for the others
-        (CASSLE is run without the AugSelf loss, as in its paper)."""
-        check_choice("variant", variant, VARIANTS)
-        return self.augself.lambda_ if variant == "augself" else 0.0
-
     def group_config(self) -> dict:
         """Everything that defines a comparable result except seed and λ: the one definition of a
         configuration group (:meth:`group_hash` hashes it, ``tracking.group_params`` logs it flat).

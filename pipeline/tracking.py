@@ -58,6 +58,7 @@ import pandas as pd
 from pipeline.config import flatten, to_dict
 from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
+from pipeline.request import RunRequest
 
 # Fail fast against a tracking server that is down (MLflow's defaults retry for minutes).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -231,39 +232,40 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
-def run_name(params: Params, method: str, variant: str) -> str:
+def run_name(request: RunRequest) -> str:
     """The run's name in the MLflow UI, e.g. ``simclr-augself λ=1 seed 0``."""
-    return f"{model_name(method, variant)} λ={params.lambda_for(variant):g} seed {params.seed}"
+    return f"{model_name(request.method, request.variant)} λ={request.lam:g} seed {request.params.seed}"
 
 
-def run_tags(params: Params, method: str, variant: str) -> dict[str, str]:
+def run_tags(request: RunRequest) -> dict[str, str]:
+    params = request.params
     return {
-        "method": method,
-        "variant": variant,
-        "lambda": repr(params.lambda_for(variant)),
+        "method": request.method,
+        "variant": request.variant,
+        "lambda": repr(request.lam),
         "seed": str(params.seed),
         "group": params.group_hash(),
         "commit": git_commit(),
         "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
-        "mlflow.runName": run_name(params, method, variant),
+        "mlflow.runName": run_name(request),
     }
 
 
-def run_params(params: Params, method: str, variant: str) -> dict[str, str]:
+def run_params(request: RunRequest) -> dict[str, str]:
     """The params a model run trained with (DESIGN.md, "Metrics and names"): the sections of the other
     variants are left out (the run did not read them), ``augself.lambda`` is the effective λ (0 for the
     baseline and CASSLE), and ``method``, ``variant``, ``lambda`` are params as well as tags, so MLflow's
     compare view ("show diff only") shows what differs between a baseline and an AugSelf run."""
     from pipeline.params import VARIANTS
 
-    d = to_dict(params)
+    d = to_dict(request.params)
     for other in VARIANTS:
-        if other != variant:
+        if other != request.variant:
             d.pop(other, None)
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(d).items()}
-    lam = repr(params.lambda_for(variant))
+    lam = repr(request.lam)
     flat["augself.lambda"] = lam
-    flat.update(method=method, variant=variant, **{"lambda": lam})
+    flat.update(method=request.method, variant=request.variant, **{"lambda": lam})
     return flat
 
 
@@ -369,20 +371,20 @@ class Tracker:
         return first
 
     # -- API used by the stages ---------------------------------------------------------------
-    def start_model_run(self, method: str, variant: str, reuse_run_id: str | None = None) -> str | None:
+    def start_model_run(self, request: RunRequest, reuse_run_id: str | None = None) -> str | None:
         """Create the model's run (or reuse ``reuse_run_id`` when resuming) and log params + tags."""
         def create() -> str:
             if reuse_run_id:
                 run = self.client.get_run(reuse_run_id)
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id
-            tags = {**source_tags(), **run_tags(self.params, method, variant)}
+            tags = {**source_tags(), **run_tags(request)}
             experiment = self.experiment_id()
             tags["mlflow.parentRunId"] = self.group_run_id(experiment, tags["group"])
             run = self.client.create_run(experiment, tags=tags, run_name=tags["mlflow.runName"])
             from mlflow.entities import Param
 
-            batch = [Param(k, v) for k, v in run_params(self.params, method, variant).items()]
+            batch = [Param(k, v) for k, v in run_params(request).items()]
             for i in range(0, len(batch), 100):
                 self.client.log_batch(run.info.run_id, params=batch[i:i + 100])
             return run.info.run_id

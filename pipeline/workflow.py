@@ -22,6 +22,7 @@ from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
+from pipeline.request import RunRequest
 from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, display_uri,
                                read_run_id, tracking_uri)
 
@@ -96,12 +97,13 @@ def monitor_data(params: Params):
 
 def run_pretraining(params: Params, method: str, variant: str, models_dir: Path, track: bool = True,
                     device: str | None = None, max_steps: int | None = None) -> dict:
-    from pipeline.train import check_request, checkpoint_resumable, pretrain
+    from pipeline.train import checkpoint_resumable, pretrain_request
 
     from pipeline.data import pretrain_images
 
     # Every refusal before anything is written (tests/test_reliability.py: the tree stays byte-identical).
-    check_request(params, method, variant)
+    # The request is resolved here, once: training, the MLflow run and run.json read it.
+    request = RunRequest.resolve(params, method, variant)
     check_fewshot_feasible(params)
     images = pretrain_images(params.data.prepared, params.data.pretrain)
     monitor = monitor_data(params)
@@ -109,8 +111,8 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracker = Tracker(params, enabled=params.tracking.enabled and track)
-    resuming = checkpoint_resumable(params, method, variant, out_dir)
-    run_id = tracker.start_model_run(method, variant, reuse_run_id=read_run_id(out_dir) if resuming else None)
+    resuming = checkpoint_resumable(request, out_dir)
+    run_id = tracker.start_model_run(request, reuse_run_id=read_run_id(out_dir) if resuming else None)
     if track:
         # machine-local (gitignored, not a DVC output): which run of this machine's store to log into
         (out_dir / RUN_ID_FILE).write_text(run_id or "")
@@ -121,8 +123,8 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
         tracker.log_metrics(run_id, metrics, step=step)
 
     try:
-        result = pretrain(params, method, variant, images, out_dir, on_log=on_log,
-                          device=device or default_device(), max_steps=max_steps, monitor=monitor)
+        result = pretrain_request(request, images, out_dir, on_log=on_log,
+                                  device=device or default_device(), max_steps=max_steps, monitor=monitor)
     except BaseException:
         tracker.end_run(run_id, status="FAILED")
         raise
@@ -140,7 +142,7 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     tracker.end_run(run_id)
     # run.json is committed (a DVC output with cache: false): only what the params determine, so a repro
     # that reproduces rewrites the same bytes.  Run ids, start times and commits live in MLflow.
-    write_json(out_dir / RUN_INFO_FILE, {"method": method, "variant": variant, "lambda": params.lambda_for(variant),
+    write_json(out_dir / RUN_INFO_FILE, {"method": request.method, "variant": request.variant, "lambda": request.lam,
                                          "seed": params.seed, "group": params.group_hash()})
     return metrics
 
@@ -385,7 +387,7 @@ def write_headline(params: Params, metrics_dir: Path, out_dir: Path) -> Path:
     return write_json(Path(out_dir) / HEADLINE, out)
 
 
-# pipeline.train.TIMING_KEYS, spelled out: importing pipeline.train imports torch, which the report stage
+# pipeline.run_state.TIMING_KEYS, spelled out: importing it imports torch, which the report stage
 # does not otherwise need (issue 23 item 2); tests/test_overhead.py keeps the two equal.
 REPORT_LEAVES_OUT = ("pretrain/images_per_s", "pretrain/wall_time_s", "pretrain/monitor_s")
 

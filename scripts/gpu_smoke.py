@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.evaluate.features import extract_features  # noqa: E402
 from pipeline.models import load_backbone  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.train import pretrain, resolve_amp  # noqa: E402
+from pipeline.recipe import resolve_amp  # noqa: E402
+from pipeline.train import pretrain  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ from pipeline.workflow import run_pretraining
 
 @stage("Pretrain one model (method × variant).", positional=("method", "variant"))
 def main(params, args):
-    # run_pretraining checks method and variant (pipeline.train.check_request) before any work.
+    # run_pretraining resolves the request (pipeline.request.RunRequest: the one check of method and
+    # variant) before any work.
     run_pretraining(params, args.method, args.variant, Path("models"), track=is_main_process())
 
 

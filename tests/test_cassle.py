@@ -17,7 +17,10 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.methods import build_method
 from pipeline.models import build_backbone, load_backbone
 from pipeline.params import METHODS, CassleParams, Params
-from pipeline.train import FINAL, build_pretrain_model, pretrain, training_hash
+from pipeline.request import RunRequest
+from pipeline.fingerprint import training_hash
+from pipeline.recipe import build_pretrain_model
+from pipeline.train import FINAL, pretrain
 from tests.test_methods import tiny_params as tiny_method_params
 from tests.test_train import SIZE, tiny_images
 from tests.test_train import tiny_params as tiny_train_params
@@ -191,18 +194,19 @@ def test_unconditioned_method_refuses_a_condition_and_conditioned_needs_one():
 # ----------------------------------------------------------------------------------- variant
 def test_cassle_variant_has_lambda_zero_no_head_and_a_conditioned_projector():
     params = tiny_train_params()
-    assert params.lambda_for("cassle") == 0.0 and params.lambda_for("augself") == params.augself.lambda_
-    model, _, _ = build_pretrain_model(params, "moco", "cassle", SIZE)
+    assert RunRequest.resolve(params, "moco", "cassle").lam == 0.0
+    assert RunRequest.resolve(params, "moco", "augself").lam == params.augself.lambda_
+    model, _, _ = build_pretrain_model(RunRequest.resolve(params, "moco", "cassle"), SIZE)
     assert model.head is None and model.term_names == ["ssl", "total"]
     assert isinstance(model.method.projector, ConditionedProjector)
     assert model.method.conditioning.blocks == tuple(sorted(params.cassle.conditions))
     for variant in ("baseline", "augself"):
-        other, _, _ = build_pretrain_model(params, "moco", variant, SIZE)
+        other, _, _ = build_pretrain_model(RunRequest.resolve(params, "moco", variant), SIZE)
         assert other.method.conditioning is None and not isinstance(other.method.projector, ConditionedProjector)
     v1, v2, w1, w2 = omega_batch(16)
     total, terms = model(v1, v2, w1, w2)
     assert torch.isfinite(total) and terms.shape == (2,)
-    model, _, _ = build_pretrain_model(params, "simclr", "cassle", SIZE)   # stateless loss: calls compare
+    model, _, _ = build_pretrain_model(RunRequest.resolve(params, "simclr", "cassle"), SIZE)  # stateless loss: calls compare
     with torch.no_grad():
         total, _ = model(v1, v2, w1, w2)            # PretrainModel encodes each view's ω itself
         c1, c2 = model.method.conditioning.encode(w1), model.method.conditioning.encode(w2)
@@ -213,11 +217,11 @@ def test_cassle_variant_has_lambda_zero_no_head_and_a_conditioned_projector():
 def test_training_hash_covers_cassle_only_for_the_cassle_variant():
     p = tiny_train_params()
     wider = dataclasses.replace(p, cassle=dataclasses.replace(p.cassle, width=32))
-    h = {v: training_hash(p, "simclr", v) for v in ("baseline", "augself", "cassle")}
+    h = {v: training_hash(RunRequest.resolve(p, "simclr", v)) for v in ("baseline", "augself", "cassle")}
     assert len(set(h.values())) == 3
-    assert training_hash(wider, "simclr", "cassle") != h["cassle"]
-    assert training_hash(wider, "simclr", "baseline") == h["baseline"]
-    assert training_hash(wider, "simclr", "augself") == h["augself"]
+    assert training_hash(RunRequest.resolve(wider, "simclr", "cassle")) != h["cassle"]
+    assert training_hash(RunRequest.resolve(wider, "simclr", "baseline")) == h["baseline"]
+    assert training_hash(RunRequest.resolve(wider, "simclr", "augself")) == h["augself"]
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -272,7 +276,7 @@ def test_ss_only_total_is_the_augself_loss_and_no_ssl_gradient(name):
     for ss_only in (False, True):
         p = dataclasses.replace(params, augself=dataclasses.replace(params.augself, ss_only=ss_only))
         torch.manual_seed(0)
-        model, _, _ = build_pretrain_model(p, name, "augself", SIZE)
+        model, _, _ = build_pretrain_model(RunRequest.resolve(p, name, "augself"), SIZE)
         model.train()
         total, terms = model(v1, v2, w1, w2)
         total.backward()
@@ -294,7 +298,7 @@ def test_ss_only_total_is_the_augself_loss_and_no_ssl_gradient(name):
 def test_ss_only_needs_the_augself_head():
     base = tiny_train_params()
     params = dataclasses.replace(base, augself=dataclasses.replace(base.augself, ss_only=True))
-    model, _, _ = build_pretrain_model(params, "simclr", "baseline", SIZE)   # not the augself variant
+    model, _, _ = build_pretrain_model(RunRequest.resolve(params, "simclr", "baseline"), SIZE)  # not the augself variant
     assert not model.ss_only and model.head is None
 
 

@@ -16,6 +16,7 @@ import torch
 import pipeline.checkpoint as ckpt_io
 from pipeline.data import load_split
 from pipeline.models import build_backbone, load_backbone
+from pipeline.request import RunRequest
 from pipeline.train import CHECKPOINT, FINAL, checkpoint_resumable, pretrain
 from tests.test_train import tiny_images, tiny_params
 
@@ -55,7 +56,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
     assert "open" in str(err.value)                                     # names what it refused
     assert not marker.exists()
     # the trainer's resume check treats it as not resumable (and so overwrites it) without running it
-    assert not checkpoint_resumable(tiny_params(), "simclr", "baseline", tmp_path)
+    assert not checkpoint_resumable(RunRequest.resolve(tiny_params(), "simclr", "baseline"), tmp_path)
     assert not marker.exists()
 
 
@@ -90,7 +91,7 @@ def test_the_pipelines_own_checkpoints_load_with_weights_only(tmp_path, method, 
         torch.load(tmp_path / name, map_location="cpu", weights_only=True)
     state = ckpt_io.load(tmp_path / CHECKPOINT)
     assert state["step"] == 2 and isinstance(state["rng"][0]["torch"], torch.Tensor)
-    assert checkpoint_resumable(params, method, variant, tmp_path)
+    assert checkpoint_resumable(RunRequest.resolve(params, method, variant), tmp_path)
 
 
 def test_prepared_npz_with_an_object_array_is_refused(tmp_path):

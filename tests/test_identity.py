@@ -83,9 +83,9 @@ def tiny_params() -> Params:
 
 
 def _train(tmp_path, monkeypatch, variant: str) -> dict[str, str]:
-    from pipeline import checkpoint, train
+    from pipeline import checkpoint, fingerprint, train
 
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: FIXED_CODE)
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: FIXED_CODE)
     images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
     out = tmp_path / variant
     result = train.pretrain(tiny_params(), "simclr", variant, images, out, device="cpu", progress=False)
@@ -94,6 +94,19 @@ def _train(tmp_path, monkeypatch, variant: str) -> dict[str, str]:
     return {"backbone": _tensor_sha(final["backbone"]), "final.pt": _sha((out / "final.pt").read_bytes()),
             "metrics.json": _sha((out / "metrics.json").read_bytes()),
             "losses.csv": _sha((out / "losses.csv").read_bytes())}
+
+
+def _training_hashes() -> dict[str, str]:
+    """The hashes of the default params for two methods × every variant (``ssl.methods`` lists them
+    all so each request resolves; the method list is not part of the hash)."""
+    from pipeline.config import from_dict, set_dotted, to_dict
+    from pipeline.fingerprint import training_hash
+    from pipeline.params import METHODS
+    from pipeline.request import RunRequest
+
+    params = from_dict(Params, set_dotted(to_dict(Params()), {"ssl.methods": list(METHODS)}))
+    return {f"{m}-{v}": training_hash(RunRequest.resolve(params, m, v))
+            for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")}
 
 
 def _omega_pins() -> dict[str, str]:
@@ -117,12 +130,10 @@ def test_group_hash_is_pinned():
 
 
 def test_training_hash_is_pinned(monkeypatch):
-    from pipeline import train
+    from pipeline import fingerprint
 
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: FIXED_CODE)
-    got = {f"{m}-{v}": train.training_hash(Params(), m, v)
-           for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")}
-    assert got == TRAINING_HASHES
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: FIXED_CODE)
+    assert _training_hashes() == TRAINING_HASHES
 
 
 @floats
@@ -146,16 +157,15 @@ def _print_pins():  # pragma: no cover - run by hand to (re-)pin
 
     torch.set_num_threads(1)
     print("GROUP_HASH_DEFAULT =", repr(Params().group_hash()))
-    from pipeline import train
+    from pipeline import fingerprint
 
-    real = train.training_code_fingerprint
-    train.training_code_fingerprint = lambda: FIXED_CODE
-    print("TRAINING_HASHES =", {f"{m}-{v}": train.training_hash(Params(), m, v)
-                                for m in ("simclr", "byol") for v in ("baseline", "augself", "cassle")})
+    real = fingerprint.training_code_fingerprint
+    fingerprint.training_code_fingerprint = lambda: FIXED_CODE
+    print("TRAINING_HASHES =", _training_hashes())
     print("OMEGA_PINS =", _omega_pins())
     with tempfile.TemporaryDirectory() as d:
         print("RUN_PINS =", {v: _train(Path(d), MP(), v) for v in ("baseline", "augself", "cassle")})
-    train.training_code_fingerprint = real
+    fingerprint.training_code_fingerprint = real
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Which keys matter, written once (issue 25 item 4): dvc.yaml is held to pipeline/params.py and train.py.
+"""Which keys matter, written once (issue 25 item 4): dvc.yaml is held to pipeline/params.py and fingerprint.py.
 
 * The pretrain stage declares every key that changes the trained weights (found by changing each key of
-  ``params.yaml`` in turn and watching :func:`pipeline.train.training_hash`), and nothing else but the
+  ``params.yaml`` in turn and watching :func:`pipeline.fingerprint.training_hash`), and nothing else but the
   bookkeeping keys (:data:`pipeline.params.SSL_BOOKKEEPING_KEYS`), ``tracking`` and its variant's section.
 * Its ``ssl.*`` keys by name are exactly the schema's (``SSLParams`` less the method list and the method
   sections, which it declares as ``ssl.${item.method}``): a new ``ssl`` key fails here until declared.
 * Every key any stage declares exists in the schema (a renamed key cannot linger in dvc.yaml).
 * The configuration group is one definition: the hash and the params MLflow logs on the group's run.
-* ``TRAINING_CODE`` and ``PRETRAIN_GLUE`` (train.py) are the pretrain stage's code deps.
+* ``TRAINING_CODE`` and ``PRETRAIN_GLUE`` (fingerprint.py) are the pretrain stage's code deps.
 * ``artifacts:`` lists exactly the models the matrix can train (every method × variant), as the expected
   block (printed on failure, to paste) says.
 """
@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.config import flatten, to_dict
 from pipeline.params import METHODS, SSL_BOOKKEEPING_KEYS, VARIANTS, Params, SSLParams
+from pipeline.request import RunRequest
 from tests.e2e import ROOT
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -79,13 +80,13 @@ def _leaves(params: Params) -> list[str]:
 
 @pytest.fixture
 def hash_of(monkeypatch):
-    from pipeline import train
+    from pipeline import fingerprint
 
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: "0" * 12)
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: "0" * 12)
 
     def hash_of(params, method, variant):
         try:
-            return train.training_hash(params, method, variant)
+            return fingerprint.training_hash(RunRequest.resolve(params, method, variant))
         except Exception as e:  # noqa: BLE001 - a key whose change breaks the hash is read by it
             return f"error {type(e).__name__}"
     return hash_of
@@ -93,6 +94,7 @@ def hash_of(monkeypatch):
 
 def _training_keys(hash_of, method: str, variant: str) -> set[str]:
     base = Params()
+    base.ssl.methods = list(METHODS)           # every method resolves (the method list is not hashed)
     ref = hash_of(base, method, variant)
     read = set()
     for key in _leaves(base):
@@ -159,7 +161,7 @@ def test_group_is_one_definition_hashed_and_logged():
 
 
 def test_training_code_and_glue_are_the_pretrain_stages_code_deps():
-    from pipeline.train import PRETRAIN_GLUE, TRAINING_CODE
+    from pipeline.fingerprint import PRETRAIN_GLUE, TRAINING_CODE
 
     deps = [d.removeprefix("pipeline/") for d in DVC["stages"]["pretrain"]["deps"] if d.startswith("pipeline/")]
     modules = (*TRAINING_CODE, *PRETRAIN_GLUE)
@@ -168,8 +170,8 @@ def test_training_code_and_glue_are_the_pretrain_stages_code_deps():
         assert any(under(d, m) for d in deps), f"pipeline/{m} is training code or glue but not a pretrain dep"
     for d in deps:
         assert any(under(d, m) for m in modules), (
-            f"pipeline/{d} is a pretrain dep but neither in train.TRAINING_CODE (it changes the weights: then the "
-            f"training hash must cover it) nor in train.PRETRAIN_GLUE")
+            f"pipeline/{d} is a pretrain dep but neither in fingerprint.TRAINING_CODE (it changes the weights: then "
+            f"the training hash must cover it) nor in fingerprint.PRETRAIN_GLUE")
     assert not set(TRAINING_CODE) & set(PRETRAIN_GLUE)
 
 

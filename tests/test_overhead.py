@@ -26,7 +26,7 @@ def test_study_experiments_run_the_evaluations_not_the_report():
 
 
 def test_report_leaves_out_the_timing_keys_of_training():
-    from pipeline.train import TIMING_KEYS
+    from pipeline.run_state import TIMING_KEYS
     from pipeline.workflow import REPORT_LEAVES_OUT
 
     assert tuple(REPORT_LEAVES_OUT) == tuple(TIMING_KEYS)
@@ -35,9 +35,22 @@ def test_report_leaves_out_the_timing_keys_of_training():
 def test_training_code_is_untouched_by_the_lazy_imports():
     # pipeline.checkpoint is training code (its source is in every final.pt's params hash): it keeps its
     # own top-level torch import, and the stages reach write_json through pipeline.cli's lazy wrapper.
-    from pipeline.train import TRAINING_CODE
+    from pipeline.fingerprint import TRAINING_CODE
 
     assert "checkpoint.py" in TRAINING_CODE
     import pipeline.cli as cli
 
     assert cli.write_json.__module__ == "pipeline.cli"
+
+
+def test_every_function_the_overhead_bench_profiles_exists_where_it_says():
+    """bench/bench_overhead.py splits a stage's profile by (file, function); a function moved by a refactor
+    (issue 25 split train.py) would silently report 0 s."""
+    import ast
+
+    from bench.bench_overhead import PROFILED
+
+    for label, (path, name) in PROFILED.items():
+        tree = ast.parse((ROOT / path).read_text())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        assert name in defined, f"PROFILED[{label!r}]: no function {name} in {path}"

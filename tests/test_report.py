@@ -13,6 +13,7 @@ import pytest
 from pipeline.report import build_report, curve_key
 from pipeline.report.plots import loss_figure
 from pipeline.report.schema import find_curve, validate_runs
+from pipeline.request import RunRequest
 
 METHODS = ("simclr", "byol")
 AUG_LAMBDAS = (0.5, 1.0)
@@ -357,12 +358,13 @@ def test_report_numbers_equal_the_mlflow_runs_and_files_they_were_built_from(tmp
         for variant, acc in (("baseline", 0.60), ("augself", 0.66)):
             model = f"simclr-{variant}"
             tracker = Tracker(params)
-            run_id = tracker.start_model_run("simclr", variant)
+            request = RunRequest.resolve(params, "simclr", variant)
+            run_id = tracker.start_model_run(request)
             tracker.log_metrics(run_id, {"pretrain/loss_ssl": 1.0})
             (tmp_path / "models" / model).mkdir(parents=True, exist_ok=True)
             (tmp_path / "models" / model / RUN_ID_FILE).write_text(run_id)
             (tmp_path / "models" / model / RUN_INFO_FILE).write_text(json.dumps(
-                {"method": "simclr", "variant": variant, "lambda": params.lambda_for(variant), "seed": seed,
+                {"method": "simclr", "variant": variant, "lambda": request.lam, "seed": seed,
                  "group": params.group_hash(), "run_id": run_id}))
             pred = np.where(rng.random(500) < acc, labels, (labels + 1) % 5).astype(np.int32)
             episodes = np.clip(rng.normal(acc, 0.1, 60), 0, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.params import Params
+from pipeline.request import RunRequest
 from pipeline.tracking import RUN_ID_FILE, Tracker
 from pipeline.workflow import _log_to_model_run
 
@@ -15,7 +16,7 @@ def test_evaluation_moves_the_model_run_to_the_current_config_group(tmp_path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     trained = Params()
     tracker = Tracker(trained)
-    run_id = tracker.start_model_run("simclr", "baseline")
+    run_id = tracker.start_model_run(RunRequest.resolve(trained, "simclr", "baseline"))
     assert run_id
     (tmp_path / "models" / "simclr-baseline").mkdir(parents=True)
     (tmp_path / "models" / "simclr-baseline" / RUN_ID_FILE).write_text(run_id)
@@ -93,7 +94,7 @@ def test_model_runs_nest_under_one_parent_run_per_configuration_group(store):
     a = Params()
     b = dataclasses.replace(a, seed=1)                                     # same group, another seed
     c = dataclasses.replace(a, ssl=dataclasses.replace(a.ssl, epochs=7))   # another group
-    ids = {name: Tracker(p).start_model_run("simclr", "augself") for name, p in (("a", a), ("b", b), ("c", c))}
+    ids = {name: Tracker(p).start_model_run(RunRequest.resolve(p, "simclr", "augself")) for name, p in (("a", a), ("b", b), ("c", c))}
     client = Tracker(a).client
     parent = {k: client.get_run(v).data.tags["mlflow.parentRunId"] for k, v in ids.items()}
     assert parent["a"] == parent["b"] != parent["c"]
@@ -168,7 +169,7 @@ def test_system_metrics_are_off_without_psutil(store, monkeypatch):
     real = tracking.importlib.util.find_spec
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None if name == "psutil" else real(name))
     tracker = Tracker(Params())
-    run_id = tracker.start_model_run("simclr", "baseline")
+    run_id = tracker.start_model_run(RunRequest.resolve(Params(), "simclr", "baseline"))
     assert not tracker.start_system_metrics(run_id) and tracker._monitor is None
     tracker.end_run(run_id)
 
@@ -195,7 +196,7 @@ def test_a_queued_stage_keeps_its_artifacts_in_the_project_even_with_the_store_u
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     tracker = Tracker(Params())
-    run_id = tracker.start_model_run("simclr", "baseline")
+    run_id = tracker.start_model_run(RunRequest.resolve(Params(), "simclr", "baseline"))
     uri = tracker.client.get_run(run_id).info.artifact_uri
     assert uri.removeprefix("file://").startswith(str(project / "mlartifacts")), uri
     assert tracking.is_server_uri("http://127.0.0.1:5000") and not tracking.is_server_uri("sqlite:///x.db")
@@ -204,8 +205,8 @@ def test_a_queued_stage_keeps_its_artifacts_in_the_project_even_with_the_store_u
 def test_run_params_are_the_ones_the_run_trained_with():
     """Baseline vs AugSelf differ in MLflow's params (compare view "show diff only"), not only in tags."""
     params = Params()
-    base = tracking.run_params(params, "simclr", "baseline")
-    aug = tracking.run_params(params, "simclr", "augself")
+    base = tracking.run_params(RunRequest.resolve(params, "simclr", "baseline"))
+    aug = tracking.run_params(RunRequest.resolve(params, "simclr", "augself"))
     assert base["augself.lambda"] == base["lambda"] == "0.0"
     assert aug["augself.lambda"] == aug["lambda"] == repr(params.augself.lambda_)
     assert (base["method"], base["variant"], aug["variant"]) == ("simclr", "baseline", "augself")
@@ -230,7 +231,7 @@ def test_runs_have_a_readable_name_and_the_source_and_user_columns(store, tmp_pa
     monkeypatch.setitem(sys.modules, "__main__", main)           # as under `python -m stages.pretrain`
     params = Params()
     tracker = Tracker(params)
-    run = tracker.client.get_run(tracker.start_model_run("simclr", "augself"))
+    run = tracker.client.get_run(tracker.start_model_run(RunRequest.resolve(params, "simclr", "augself")))
     assert run.info.run_name == f"simclr-augself λ={params.augself.lambda_:g} seed {params.seed}"
     tags = run.data.tags
     assert tags["mlflow.source.name"] == "stages.pretrain" and tags["mlflow.source.type"] == "LOCAL"
@@ -238,7 +239,8 @@ def test_runs_have_a_readable_name_and_the_source_and_user_columns(store, tmp_pa
     assert tags["mlflow.source.git.branch"] == "exp-branch"
     parent = tracker.client.get_run(tags["mlflow.parentRunId"]).data.tags
     assert parent["mlflow.source.name"] == "stages.pretrain" and parent["mlflow.user"] == tags["mlflow.user"]
-    assert tracking.run_name(params, "simclr", "baseline") == f"simclr-baseline λ=0 seed {params.seed}"
+    baseline = RunRequest.resolve(params, "simclr", "baseline")
+    assert tracking.run_name(baseline) == f"simclr-baseline λ=0 seed {params.seed}"
 
 
 def test_a_copied_project_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
@@ -253,7 +255,7 @@ def test_a_copied_project_reads_and_writes_its_own_artifacts(tmp_path, monkeypat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(old))
     tracker = Tracker(Params())
-    run_id = tracker.start_model_run("simclr", "baseline")
+    run_id = tracker.start_model_run(RunRequest.resolve(Params(), "simclr", "baseline"))
     (tmp_path / "losses.csv").write_text("step,loss\n0,1.5\n")
     tracker.log_artifact(run_id, tmp_path / "losses.csv")
     assert (old / "mlartifacts").is_dir() and not tracker.failed
@@ -261,7 +263,7 @@ def test_a_copied_project_reads_and_writes_its_own_artifacts(tmp_path, monkeypat
 
     monkeypatch.setenv("DVC_ROOT", str(new))
     tracker = Tracker(Params())
-    second = tracker.start_model_run("simclr", "augself")           # the next stage in the copy re-points it
+    second = tracker.start_model_run(RunRequest.resolve(Params(), "simclr", "augself"))           # the next stage in the copy re-points it
     tracker.log_artifact(second, tmp_path / "losses.csv")
     assert (new / "mlartifacts" / second / "artifacts" / "losses.csv").exists() and not old.exists()
     client = MlflowClient(tracking.tracking_uri())

@@ -21,8 +21,11 @@ from pipeline.augment import BatchAugment, view_generator
 from pipeline.config import ConfigError
 from pipeline.models import load_backbone
 from pipeline.params import METHODS, MethodParams, Params
+from pipeline.request import RunRequest
+from pipeline.fingerprint import training_hash
+from pipeline.recipe import build_pretrain_model, lr_factor
 from pipeline.train import (CHECKPOINT, FINAL, LOSSES, METRICS, NAN_ENV, TIMING, NonFiniteLossError,
-                            build_pretrain_model, checkpoint_resumable, lr_factor, pretrain, training_hash)
+                            checkpoint_resumable, pretrain)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -72,7 +75,7 @@ def objective_on_fixed_views(params: Params, method: str, variant: str, images: 
     (along the run the queue fills with real keys, which raises MoCo's loss whatever is learnt).
     """
     torch.manual_seed(params.seed)                      # pretrain() initialises the same way
-    model, _, _ = build_pretrain_model(params, method, variant, SIZE)
+    model, _, _ = build_pretrain_model(RunRequest.resolve(params, method, variant), SIZE)
     if state is not None:
         model.method.load_state_dict({**state["model"], **init_buffers})
         if model.head is not None:
@@ -93,7 +96,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path, method, variant):
     params = mild(tiny_params(epochs=12, log_every=6))
     images = tiny_images()
     torch.manual_seed(params.seed)
-    initial = build_pretrain_model(params, method, variant, SIZE)[0].method.state_dict()
+    initial = build_pretrain_model(RunRequest.resolve(params, method, variant), SIZE)[0].method.state_dict()
     init_buffers = {k: v.clone() for k, v in initial.items() if k.startswith("queue")}
     before = objective_on_fixed_views(params, method, variant, images, None, init_buffers)
     logs: list[dict] = []
@@ -115,12 +118,12 @@ def test_a_few_steps_reduce_the_loss(tmp_path, method, variant):
 
 def test_lambda_zero_builds_no_head():
     params = tiny_params()
-    model, _, _ = build_pretrain_model(params, "simclr", "baseline", SIZE)
+    model, _, _ = build_pretrain_model(RunRequest.resolve(params, "simclr", "baseline"), SIZE)
     assert model.head is None and model.term_names == ["ssl", "total"]
     zero = dataclasses.replace(params, augself=dataclasses.replace(params.augself, lambda_=0.0))
-    model0, _, _ = build_pretrain_model(zero, "simclr", "augself", SIZE)
+    model0, _, _ = build_pretrain_model(RunRequest.resolve(zero, "simclr", "augself"), SIZE)
     assert model0.head is None
-    with_head, _, _ = build_pretrain_model(params, "simclr", "augself", SIZE)
+    with_head, _, _ = build_pretrain_model(RunRequest.resolve(params, "simclr", "augself"), SIZE)
     assert with_head.head is not None
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(with_head) > n(model) == n(model0)
@@ -140,7 +143,8 @@ def test_outputs_and_finished_checkpoint_is_not_retrained(tmp_path, capsys):
     assert res.final == tmp_path / FINAL and res.total_steps == 4
     backbone, meta = load_backbone(tmp_path / FINAL)
     assert meta["method"] == "simsiam" and meta["variant"] == "augself" and meta["lambda"] == 1.0
-    assert meta["image_size"] == SIZE and meta["params_hash"] == training_hash(params, "simsiam", "augself")
+    assert meta["image_size"] == SIZE
+    assert meta["params_hash"] == training_hash(RunRequest.resolve(params, "simsiam", "augself"))
     assert meta["mean"] == list(params.augment.mean) and meta["cifar_stem"] is True
     metrics = json.loads((tmp_path / METRICS).read_text())
     timing = json.loads((tmp_path / TIMING).read_text())
@@ -150,7 +154,7 @@ def test_outputs_and_finished_checkpoint_is_not_retrained(tmp_path, capsys):
     assert timing.keys() == {"pretrain/images_per_s", "pretrain/wall_time_s"} and timing["pretrain/images_per_s"] > 0
     header, *rows = (tmp_path / LOSSES).read_text().splitlines()
     assert header.split(",")[:3] == ["step", "epoch", "pretrain/loss_ssl"] and len(rows) == 2
-    assert checkpoint_resumable(params, "simsiam", "augself", tmp_path)
+    assert checkpoint_resumable(RunRequest.resolve(params, "simsiam", "augself"), tmp_path)
 
     before = backbone.state_dict()
     (tmp_path / FINAL).unlink()
@@ -193,40 +197,44 @@ def loss_rows(out_dir: Path) -> list[dict]:
 
 
 def test_training_hash_covers_what_changes_training():
+    def hash_of(params: Params, variant: str = "augself") -> str:
+        return training_hash(RunRequest.resolve(params, "simclr", variant))
+
     p = tiny_params()
-    h = training_hash(p, "simclr", "augself")
-    assert training_hash(dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, log_every=7, checkpoint_every=3,
-                                                                        threads=2)), "simclr", "augself") == h
-    assert training_hash(dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, lr=0.1)), "simclr", "augself") != h
-    assert training_hash(dataclasses.replace(p, seed=1), "simclr", "augself") != h
+    h = hash_of(p)
+    assert hash_of(dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, log_every=7, checkpoint_every=3,
+                                                                  threads=2))) == h
+    assert hash_of(dataclasses.replace(p, ssl=dataclasses.replace(p.ssl, lr=0.1))) != h
+    assert hash_of(dataclasses.replace(p, seed=1)) != h
     other_moco = dataclasses.replace(p.ssl, moco=MethodParams(queue_size=32))
-    assert training_hash(dataclasses.replace(p, ssl=other_moco), "simclr", "augself") == h
+    assert hash_of(dataclasses.replace(p, ssl=other_moco)) == h
     new_lambda = dataclasses.replace(p, augself=dataclasses.replace(p.augself, lambda_=0.5))
-    assert training_hash(new_lambda, "simclr", "augself") != h
-    assert training_hash(new_lambda, "simclr", "baseline") == training_hash(p, "simclr", "baseline")
+    assert hash_of(new_lambda) != h
+    assert hash_of(new_lambda, "baseline") == hash_of(p, "baseline")
 
 
 def test_hash_mismatch_starts_fresh(tmp_path, capsys):
     params = tiny_params(epochs=2)
     pretrain(params, "simclr", "baseline", tiny_images(), tmp_path, device="cpu", progress=False, max_steps=2)
     changed = dataclasses.replace(params, seed=1)
-    assert not checkpoint_resumable(changed, "simclr", "baseline", tmp_path)
+    assert not checkpoint_resumable(RunRequest.resolve(changed, "simclr", "baseline"), tmp_path)
     res = pretrain(changed, "simclr", "baseline", tiny_images(), tmp_path, device="cpu", progress=False)
     err = capsys.readouterr().err
     assert "not resuming it, starting fresh" in err and "resuming from" not in err
     assert res.resumed_from == 0 and res.step == 4
-    assert ckpt_io.load(tmp_path / CHECKPOINT)["params_hash"] == training_hash(changed, "simclr", "baseline")
+    assert (ckpt_io.load(tmp_path / CHECKPOINT)["params_hash"]
+            == training_hash(RunRequest.resolve(changed, "simclr", "baseline")))
 
 
 def test_checkpoint_of_other_training_code_is_not_reused(tmp_path, monkeypatch):
     """A finished run is not reused once the training code changed (a bug fix must retrain)."""
-    import pipeline.train as train
+    import pipeline.fingerprint as fingerprint
 
     params = tiny_params(epochs=1)
     pretrain(params, "simclr", "baseline", tiny_images(), tmp_path, device="cpu", progress=False)
-    assert checkpoint_resumable(params, "simclr", "baseline", tmp_path)
-    monkeypatch.setattr(train, "training_code_fingerprint", lambda: "edited-code")
-    assert not checkpoint_resumable(params, "simclr", "baseline", tmp_path)
+    assert checkpoint_resumable(RunRequest.resolve(params, "simclr", "baseline"), tmp_path)
+    monkeypatch.setattr(fingerprint, "training_code_fingerprint", lambda: "edited-code")
+    assert not checkpoint_resumable(RunRequest.resolve(params, "simclr", "baseline"), tmp_path)
 
 
 # ---------------------------------------------------------------------------- failure handling

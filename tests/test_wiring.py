@@ -26,7 +26,9 @@ import torch.nn.functional as F
 import pipeline.train as train
 from pipeline.augment import BatchAugment, view_generator
 from pipeline.params import METHODS, Params
-from pipeline.train import build_optimizer, build_pretrain_model, pretrain, train_step
+from pipeline.request import RunRequest
+from pipeline.recipe import build_optimizer, build_pretrain_model, train_step
+from pipeline.train import pretrain
 from tests.test_train import SIZE, mild, tiny_images, tiny_params
 
 LAMBDA = 0.37
@@ -139,7 +141,7 @@ def test_step_one_losses_equal_an_independent_recomputation_with_each_views_own_
         assert torch.equal(w1[k], lw1[k]) and torch.equal(w2[k], lw2[k])
 
     torch.manual_seed(params.seed)                                  # the loop's initialisation
-    model, _, _ = build_pretrain_model(params, method, "augself", SIZE)
+    model, _, _ = build_pretrain_model(RunRequest.resolve(params, method, "augself"), SIZE)
     model.train()
 
     def losses(o1, o2):
@@ -185,7 +187,7 @@ def test_head_trained_on_paired_targets_beats_one_trained_on_shuffled_targets():
 
     def held_out_colour_loss(shuffle: bool) -> float:
         torch.manual_seed(0)
-        model, _, _ = build_pretrain_model(params, "simclr", "augself", SIZE)
+        model, _, _ = build_pretrain_model(RunRequest.resolve(params, "simclr", "augself"), SIZE)
         for p in model.method.parameters():
             p.requires_grad_(False)
         model.train()
@@ -226,7 +228,7 @@ def test_augself_gradient_reaches_the_online_backbone_only(method):
 
     def stepped(variant: str):
         torch.manual_seed(params.seed)
-        model, backbone, _ = build_pretrain_model(params, method, variant, SIZE)
+        model, backbone, _ = build_pretrain_model(RunRequest.resolve(params, method, variant), SIZE)
         model.train()
         opt, sched = build_optimizer(params, model, steps_per_epoch=2, total_steps=2)
         train_step(model, opt, sched, None, v1, v2, w1, w2, None)
@@ -236,7 +238,7 @@ def test_augself_gradient_reaches_the_online_backbone_only(method):
     _, g_base = stepped("baseline")
 
     torch.manual_seed(params.seed)
-    ref, backbone, _ = build_pretrain_model(params, method, "augself", SIZE)
+    ref, backbone, _ = build_pretrain_model(RunRequest.resolve(params, method, "augself"), SIZE)
     ref.train()
     out = ref.method(v1, v2)
     aug = hand_head_losses(ref.head, out.f1, out.f2, w1, w2)

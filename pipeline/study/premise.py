@@ -73,20 +73,23 @@ def _backbone_at(params: Params, method: str, run_dir: Path, epoch: int, images:
     """The backbone after ``epoch`` epochs (0: the initialisation pretrain() starts from)."""
     import torch
 
-    from pipeline.train import build_pretrain_model, pretrain
+    from pipeline.request import RunRequest
+    from pipeline.recipe import build_pretrain_model
+    from pipeline.train import pretrain_request
 
+    request = RunRequest.resolve(params, method, "baseline")
     if epoch == 0:
         torch.manual_seed(params.seed)
-        _, backbone, _ = build_pretrain_model(params, method, "baseline", images.shape[1])
+        _, backbone, _ = build_pretrain_model(request, images.shape[1])
         return backbone.eval()
     steps = epoch * (len(images) // params.ssl.batch_size)
-    pretrain(params, method, "baseline", images, run_dir, max_steps=steps, progress=False)
+    pretrain_request(request, images, run_dir, max_steps=steps, progress=False)
     from pipeline.checkpoint import load as load_checkpoint   # the safe loader: tensors and containers only
 
     state = load_checkpoint(run_dir / "checkpoint.pt")
     assert state["step"] == steps, (state["step"], steps)
     torch.manual_seed(params.seed)
-    _, backbone, _ = build_pretrain_model(params, method, "baseline", images.shape[1])
+    _, backbone, _ = build_pretrain_model(request, images.shape[1])
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
     return backbone.eval()
