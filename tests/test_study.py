@@ -164,7 +164,7 @@ def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkey
     committed ledger without its probe, and the ledger is never rewritten."""
     import pandas as pd
 
-    import pipeline.tracking as tracking
+    import pipeline.results as results
 
     s = load_study("study.yaml")
     key = ModelKey("moco", "baseline", 0.0, "strong", 0)
@@ -175,9 +175,9 @@ def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkey
     row = {"run_id": "r1", "method": "moco", "variant": "baseline", "lambda": 0.0, "seed": 0,
            **{c: 50.0 for c in need if c not in probes}}
     store = {"runs": pd.DataFrame([row])}
-    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (store["runs"], {}))
+    monkeypatch.setattr(results, "runs_from_mlflow", lambda params: (store["runs"], {}))
     scores = {c: np.zeros(3) for c in need if c.startswith(("linear/", "fewshot/"))}
-    monkeypatch.setattr(tracking, "collect_items", lambda params, runs: {"r1": scores})
+    monkeypatch.setattr(results, "collect_items", lambda params, runs: {"r1": scores})
     monkeypatch.setattr(ledger_mod, "items_from_experiment_refs", lambda key, group: {})
     ledger = tmp_path / "runs"
     assert ledger_mod.export_finished(s, [key], ledger) == []            # linear and few-shot only: waits
@@ -516,7 +516,7 @@ def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
     `none` model is exported without a colour probe (its ω is constant: the probe logs NaN)."""
     import pandas as pd
 
-    import pipeline.tracking as tracking
+    import pipeline.results as results
 
     s = study(tmp_path, PREMISE)
     key = ModelKey("moco", "baseline", 0.0, "strong", 0, 20)
@@ -525,8 +525,8 @@ def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
            "pretrain/steps": 780.0, "pretrain/epochs": 20.0, **{c: 50.0 for c in need}}
     curve = pd.DataFrame({"step": [5, 39, 78, 780], "pretrain/loss_total": [1.0, 0.9, 0.8, 0.5],
                           "monitor/class/knn_top1": [np.nan, 30.0, 35.0, 60.0]})
-    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (pd.DataFrame([row]), {"r1": curve}))
-    monkeypatch.setattr(tracking, "collect_items",
+    monkeypatch.setattr(results, "runs_from_mlflow", lambda params: (pd.DataFrame([row]), {"r1": curve}))
+    monkeypatch.setattr(results, "collect_items",
                         lambda params, runs: {"r1": {c: np.zeros(3) for c in need if c.startswith(("linear/", "fewshot/"))}})
     ledger = tmp_path / "runs"
     assert ledger_mod.export_finished(s, [key], ledger) == ["moco-baseline-strong-ep20-seed0"]
@@ -538,7 +538,7 @@ def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
     none = ModelKey("moco", "baseline", 0.0, "none", 0)
     need_none = ledger_mod.expected_metrics(ledger_mod.params_of(none, s))
     row_none = {**row, **{c: 50.0 for c in need_none}, "probe/color/r2": np.nan}
-    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (pd.DataFrame([row_none]), {}))
+    monkeypatch.setattr(results, "runs_from_mlflow", lambda params: (pd.DataFrame([row_none]), {}))
     assert ledger_mod.export_finished(s, [none], ledger) == ["moco-baseline-none-seed0"]
 
 

@@ -1,6 +1,6 @@
 """The comparison report: tables and plots across methods, λ and seeds.
 
-:func:`build_report` turns plain pandas data (``pipeline.tracking`` reads it from MLflow or from the
+:func:`build_report` turns plain pandas data (``pipeline.results`` reads it from MLflow or from the
 metric files) into ``reports/``:
 
 * ``results.csv``: one row per method × variant × λ; per metric ``<metric>/mean``, ``/std``, ``/n``
@@ -61,7 +61,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     is its provenance).  The default λ
     of the Δ rows is ``params['augself.lambda']``.  Previous ``fig_*`` files in ``out_dir`` are removed
     first, so a figure that can no longer be drawn does not linger.  ``items``: per run id, per-item
-    scores by metric column (``pipeline.tracking.collect_items``); with them the report adds the
+    scores by metric column (``pipeline.results.collect_items``); with them the report adds the
     paired differences (``differences.csv``, a table and a forest plot, :mod:`pipeline.report.paired`).
     """
     if not isinstance(context, Mapping):
