@@ -36,7 +36,7 @@ from pipeline.report.paired import paired_differences, paired_table
 from pipeline.report.tables import (Difference, Table, aggregate, build_tables, differences, lambda_curves,
                                     to_markdown)
 
-__all__ = ["build_report", "aggregate", "differences", "curve_key", "Difference", "Table"]
+__all__ = ["build_report", "present_specs", "aggregate", "differences", "curve_key", "Difference", "Table"]
 
 TITLE = "AugSelf vs baseline: comparison report"
 FIGURE_PREFIX = "fig_"
@@ -75,7 +75,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     extra = context.get("notes") or []
     notes = ([extra] if isinstance(extra, str) else list(extra)) + notes
 
-    specs = _present_specs(runs, notes)
+    specs = present_specs(runs, notes)
     default_lambda = _default_lambda(params, notes)
     ref_lambda = _reference_lambda(runs, default_lambda, notes)
     summary = aggregate(runs, specs)
@@ -120,7 +120,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     return [results, curves_vs_lambda, differences_csv, readme, page] + [p for f in figures for p in f.paths]
 
 
-def _present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:
+def present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:
     """Metric specs with at least one value; note empty metrics and missing downstream families."""
     specs = []
     for spec in metric_specs(runs):

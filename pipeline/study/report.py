@@ -31,12 +31,12 @@ def _fmt_interval(r) -> str:
 
 
 def differences(runs: pd.DataFrame, items: dict, notes: list[str]) -> pd.DataFrame:
-    from pipeline.report import _present_specs
+    from pipeline.report import present_specs
     from pipeline.report.paired import paired_differences
 
     frames = []
     for strength, sub in runs.groupby("strength"):
-        specs = _present_specs(sub, [])
+        specs = present_specs(sub, [])
         d = paired_differences(sub, items, specs, notes)
         if not d.empty:
             d.insert(0, "strength", strength)
