@@ -318,17 +318,17 @@ def test_the_study_runner_tops_the_queue_back_up_to_its_workers(monkeypatch):
     """A DVC queue worker can exit while tasks still wait (seen in session 5: one of two workers left
     after a re-queue); `dvc queue start -j N` brings the pool back to N, and nothing is started when
     nothing waits or the pool is full."""
-    import stages.study as runner
+    import pipeline.study.queue as queue
 
     calls = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(queue.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     state = {"status": ({"a": "Running", "b": "Queued"}, 1)}
-    monkeypatch.setattr(runner, "_queue_status", lambda: state["status"])
-    runner._keep_workers(2)
+    monkeypatch.setattr(queue, "queue_status", lambda: state["status"])
+    queue.keep_workers(2)
     assert calls == [["dvc", "queue", "start", "-j", "2"]]
     for status in (({"a": "Running", "b": "Queued"}, 2), ({"a": "Running"}, 1)):
         state["status"] = status
-        runner._keep_workers(2)
+        queue.keep_workers(2)
     assert len(calls) == 1
 
 
@@ -336,16 +336,16 @@ def test_the_study_runner_clears_running_tasks_that_no_worker_runs(monkeypatch):
     """After the machine stopped, `dvc queue status` still listed two tasks as Running with 0 workers; the
     rerun skipped them as running and would have waited on them. They are killed (cleared) only when no
     worker is alive: with a live worker a Running task is real and is left alone."""
-    import stages.study as runner
+    import pipeline.study.queue as queue
 
     calls = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(queue.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     state = {"status": ({"a": "Running", "b": "Queued", "c": "Running"}, 1)}
-    monkeypatch.setattr(runner, "_queue_status", lambda: state["status"])
-    runner._clear_stale_tasks()
+    monkeypatch.setattr(queue, "queue_status", lambda: state["status"])
+    queue.clear_stale_tasks()
     assert calls == []
     state["status"] = ({"a": "Running", "b": "Queued", "c": "Running"}, 0)
-    runner._clear_stale_tasks()
+    queue.clear_stale_tasks()
     assert calls == [["dvc", "queue", "kill", "-f", "a", "c"]]
 
 
@@ -634,11 +634,13 @@ def test_the_study_runner_calls_the_dvc_and_python_of_its_own_interpreter(monkey
     import sys
     from pathlib import Path
 
-    import stages.study as runner
+    import stages.study
+    from pipeline.study.queue import put_this_interpreter_first_on_path
 
+    assert stages.study.put_this_interpreter_first_on_path is put_this_interpreter_first_on_path   # what its main calls first
     monkeypatch.setenv("PATH", str(tmp_path))          # nothing on it: no dvc, no python
-    runner.put_this_interpreter_first_on_path()
-    runner.put_this_interpreter_first_on_path()
+    put_this_interpreter_first_on_path()
+    put_this_interpreter_first_on_path()
     bindir = str(Path(sys.executable).parent)
     assert os.environ["PATH"].split(os.pathsep) == [bindir, str(tmp_path)]
     assert shutil.which("dvc") == os.path.join(bindir, "dvc")
