@@ -350,15 +350,15 @@ def test_the_study_runner_clears_running_tasks_that_no_worker_runs(monkeypatch):
 
 
 def test_the_cost_section_reads_the_benchmark_of_the_study_configuration(tmp_path):
-    from pipeline.study.report import _bench_cost
+    from pipeline.study.report import bench_cost
 
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"device_name": "cpu", "threads": 2, "clock": "wall", "methods": [
         {"method": "moco", "images_per_s_lambda0": 500.0, "images_per_s_lambda1": 480.0,
          "augself_overhead_pct": 4.2, "augself_overhead_pct_iqr": [1.0, 7.5]}]}))
-    lines = _bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
+    lines = bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
     assert "| moco | augself | 500 | 480 | +4.2 % [+1.0, +7.5] | cpu, 2 threads, wall clock |" in lines
-    assert _bench_cost({"augself": tmp_path / "missing.json"}) == []
+    assert bench_cost({"augself": tmp_path / "missing.json"}) == []
 
 
 def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_from_the_ledger(tmp_path, monkeypatch):
@@ -368,7 +368,7 @@ def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_fro
     import pandas as pd
 
     import pipeline.workflow as wf
-    from pipeline.study.report import _cost_table, cost_per_variant
+    from pipeline.study.report import cost_table, cost_per_variant
 
     logged = []
 
@@ -404,12 +404,12 @@ def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_fro
     assert table.loc["baseline", "pretrain/images_per_s/mean"] == pytest.approx(250.0)
     assert table.loc["baseline", "time/linear_s/mean"] == pytest.approx(30.0)
     assert table.loc["baseline", "time/linear_s/n"] == 1 and table.loc["augself", "time/linear_s/n"] == 0
-    text = "\n".join(_cost_table(runs))
+    text = "\n".join(cost_table(runs))
     assert "| strong | moco | baseline | 0 | 2 | 250 [200–300] | 42 [33–50] | 3 [3–3] | 4 | 30 | 12 | 6 |" in text
     assert "| strong | moco | augself | 1 | 1 | 150 | 67 | 3 | not recorded | not recorded | not recorded | not recorded |" in text
     assert "no model in this ledger recorded them" not in text
     old = runs.drop(columns=[c for c in runs if c.startswith("time/")])
-    assert "no model in this ledger recorded them" in "\n".join(_cost_table(old))
+    assert "no model in this ledger recorded them" in "\n".join(cost_table(old))
 
 
 def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_as_models_finish():
