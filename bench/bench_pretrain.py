@@ -428,10 +428,11 @@ def _write_variant_result(args, cfg, dev, device_name, load_start, params, rows,
 
 
 def write_result(out: Path, result: dict) -> None:
-    """Write a bench's JSON atomically (temp file + rename) and say where (the bench scripts share it)."""
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    """Write a bench's JSON atomically (pipeline.checkpoint, the one atomic writer) and say where (the bench
+    scripts share it).  Keys in the bench's own order, not sorted: write_text, not write_json."""
+    from pipeline.checkpoint import write_text
+
+    write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 

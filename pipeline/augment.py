@@ -84,12 +84,13 @@ size ⌊0.1·S⌋ rounded up to odd (9 for STL-10's 96 px and 23 for 224 px, the
 least 3), σ per sample, reflect padding, as the official ``GaussianBlur``.
 
 Randomness: every random number comes from the ``generator`` passed in, as one ``torch.rand`` per
-call laid out in fixed columns (:data:`CORE_COLUMNS`, then :data:`OPTIONAL_COLUMNS`).  The core
+call laid out in fixed columns (:data:`CORE_COLUMNS`, then each optional op's ``columns``).  The core
 block (crop, flip, colour, grayscale, blur) is drawn whatever the probabilities and strengths are,
 so changing the jitter strength or switching blur on does not move the crops; its layout is the
 one of the earlier single-class implementation, so the default pipeline draws bit-identical views
-and ω to it (checked once when the ops were split out).  The optional ops (solarize, rotation) draw
-their block after it *only when they are on*: drawing it always would shift the second view's
+and ω to it (checked once when the ops were split out).  The optional ops (solarize, rotation, and any
+op added since: the core block is frozen) draw their block after it, in the pipeline order of
+:mod:`pipeline.augmentations`, *only when they are on*: drawing it always would shift the second view's
 stream and change every existing result; switching one on therefore changes the second view of
 each pair (the first keeps its crops).  Rotation's k is ⌊4u⌋, the threshold of solarize is u.
 A CPU generator is the recommended choice even for CUDA images: the few kilobytes of parameters
@@ -115,24 +116,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import AUGMENT_OPS, AugmentParams
+from pipeline import augmentations as registry
+from pipeline.params import AugmentParams
 
-__all__ = ["BatchAugment", "view_generator", "blur_kernel_size", "crop_centre", "COLOR_OPS", "GRAY_WEIGHTS",
-           "CORE_COLUMNS", "OPTIONAL_COLUMNS"]
+__all__ = ["BatchAugment", "view_generator", "blur_kernel_size", "COLOR_OPS", "GRAY_WEIGHTS", "CORE_COLUMNS"]
 
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 _CROP_TRIES = 10                         # torchvision RandomResizedCrop.get_params
 
 # Layout of the uniform draws.  Per batch first (the colour order), then per sample one row of
-# (op, column, width) blocks.  CORE_COLUMNS is always drawn, in this (historical) order;
-# OPTIONAL_COLUMNS[op] follows, in AUGMENT_OPS order, only for the optional ops that are on.
+# (op, column, width) blocks.  CORE_COLUMNS is always drawn, in this (historical) order; an optional
+# op's ``columns`` follow, in the pipeline order (pipeline.augmentations), only for the ones that are on.
 BATCH_COLUMNS = (("color", "order", len(COLOR_OPS)),)
 CORE_COLUMNS = (("crop", "scale", _CROP_TRIES), ("crop", "log_ratio", _CROP_TRIES), ("crop", "top", 1),
                 ("crop", "left", 1), ("flip", "apply", 1), ("color", "apply", 1), ("grayscale", "apply", 1),
                 ("blur", "apply", 1), ("blur", "sigma", 1), ("color", "factors", len(COLOR_OPS)))
-OPTIONAL_COLUMNS = {"solarize": (("apply", 1), ("threshold", 1)),
-                    "rotation": (("apply", 1), ("k", 1))}
 
 
 def view_generator(seed: int, epoch: int, step: int, device: torch.device | str = "cpu",
@@ -153,16 +152,6 @@ def view_generator(seed: int, epoch: int, step: int, device: torch.device | str 
     return g
 
 
-def crop_centre(box: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
-    """(B, 2) centres (y, x) in [0, 1] of ω's crop boxes ``(top, left, h, w)``, x mirrored to 1 − x where
-    ``mirror`` is set: the box in the frame a flipped view is seen in.  The one place this is computed
-    (the AugSelf crop target and the CASSLE crop block read it)."""
-    cy = box[:, 0] + box[:, 2] / 2
-    cx = box[:, 1] + box[:, 3] / 2
-    cx = torch.where(mirror.bool(), 1 - cx, cx)
-    return torch.stack([cy, cx], dim=1)
-
-
 def blur_kernel_size(out_size: int) -> int:
     """⌊0.1·S⌋ made odd (rounded up), at least 3: 9 for 96 px, 23 for 224 px as the official presets."""
     k = max(3, int(0.1 * out_size))
@@ -179,11 +168,13 @@ class _Op:
     ``plan(d)``: host-side Python values the op needs to run (read from the decisions before the
     copy to the device, so a CPU generator costs no sync); None by default.
     ``apply_(x, d, plan)``: the op on the float (B, 3, S, S) batch, in place where it can; returns
-    the batch.  May store data-dependent ω in ``d``.  ``omega(d)``: its ω entries.
+    the batch.  May store data-dependent ω in ``d``.  ``omega(d)``: its ω entries (the keys and widths of
+    its record in :mod:`pipeline.augmentations`).
     """
 
     name = ""
     optional = False            # optional ops draw their columns only when on (see the module docstring)
+    columns: tuple[tuple[str, int], ...] = ()   # an optional op's uniform columns: (column, width)
 
     def __init__(self, params: AugmentParams, out_size: int, ws: "_Workspace"):
         self.params, self.out_size, self.ws = params, out_size, ws
@@ -361,6 +352,7 @@ class _Solarize(_Op):
 
     name = "solarize"
     optional = True
+    columns = (("apply", 1), ("threshold", 1))
 
     @property
     def on(self) -> bool:
@@ -432,6 +424,7 @@ class _Rotation(_Op):
 
     name = "rotation"
     optional = True
+    columns = (("apply", 1), ("k", 1))
 
     @property
     def on(self) -> bool:
@@ -455,10 +448,11 @@ class _Rotation(_Op):
         return {"rotation": d["rotation_k"].float()}
 
 
+# The op of each augmentation of pipeline.augmentations, by name (a new op is optional: the core layout is frozen).
 _OP_CLASSES: dict[str, type[_Op]] = {c.name: c for c in (_ResizedCrop, _HorizontalFlip, _ColorJitter, _Solarize,
                                                           _Grayscale, _GaussianBlur, _Rotation)}
-assert tuple(sorted(_OP_CLASSES)) == tuple(sorted(AUGMENT_OPS)), "pipeline.params.AUGMENT_OPS and the ops disagree"
-assert {op for op, _, _ in CORE_COLUMNS} | set(OPTIONAL_COLUMNS) == set(AUGMENT_OPS)
+assert sorted(_OP_CLASSES) == sorted(registry.names()), "pipeline.augmentations and the ops disagree"
+assert {op for op, _, _ in CORE_COLUMNS} == {n for n, c in _OP_CLASSES.items() if not c.optional}
 
 
 class BatchAugment:
@@ -486,7 +480,8 @@ class BatchAugment:
         self._by_name = {op.name: op for op in self.ops}
         # the flip is folded into the crop's grid when it runs right after it
         self._fold_flip = len(self.ops) > 1 and self.ops[1].name == "flip"
-        self._optional = [name for name in AUGMENT_OPS if name in OPTIONAL_COLUMNS and self._by_name[name].on]
+        self._optional = [name for name in registry.pipeline_order()
+                          if self._by_name[name].optional and self._by_name[name].on]
         self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
@@ -497,12 +492,12 @@ class BatchAugment:
     def _uniforms(self, batch: int, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
         """One ``torch.rand`` for the call, split into ``{op: {column: (B, width) or (width,)}}``."""
         blocks = [(op, col, n) for op, col, n in CORE_COLUMNS]
-        blocks += [(op, col, n) for op in self._optional for col, n in OPTIONAL_COLUMNS[op]]
+        blocks += [(op, col, n) for op in self._optional for col, n in self._by_name[op].columns]
         n_batch = sum(n for _, _, n in BATCH_COLUMNS)
         n_core = sum(n for _, _, n in CORE_COLUMNS)
         n_all = sum(n for _, _, n in blocks)
         u_all = torch.rand(n_batch + batch * n_all, generator=generator, device=generator.device)
-        out: dict[str, dict[str, torch.Tensor]] = {op: {} for op in AUGMENT_OPS}
+        out: dict[str, dict[str, torch.Tensor]] = {op: {} for op in registry.pipeline_order()}
         i = 0
         for op, col, n in BATCH_COLUMNS:
             out[op][col] = u_all[i:i + n]
@@ -530,7 +525,7 @@ class BatchAugment:
         u = self._uniforms(batch, generator)
         ctx = {"batch": batch, "height": height, "width": width}
         s: dict[str, torch.Tensor] = {}
-        for name in AUGMENT_OPS:                # layout order, so the dict is the same whatever params.order is
+        for name in registry.pipeline_order():  # layout order, so the dict is the same whatever params.order is
             op = self._by_name[name]
             if op.optional and not op.on:
                 continue
@@ -566,17 +561,26 @@ class BatchAugment:
 
     def _omega(self, s: dict[str, torch.Tensor], ctx: dict[str, int], batch: int,
                dev: torch.device) -> dict[str, torch.Tensor]:
-        """ω of every op, in a fixed key order; an optional op that is off gives its "not applied" value."""
+        """ω of every op, in a fixed key order (the core ops, then the optional ones, each in the pipeline
+        order, then the batch's colour order); an optional op that is off gives its record's ``off`` value."""
         omega: dict[str, torch.Tensor] = {}
-        for name in ("crop", "flip", "color", "grayscale", "blur"):
-            omega.update(self._by_name[name].omega(s, ctx))
+        order = [self._by_name[name] for name in registry.pipeline_order()]
+        for op in order:
+            if not op.optional:
+                omega.update(op.omega(s, ctx))
         color_order = omega.pop("color_order")
-        off = {"solarize": 1.0, "rotation": 0.0}
-        for name in ("solarize", "rotation"):
-            op = self._by_name[name]
-            omega.update(op.omega(s, ctx) if op.on else {name: torch.full((batch,), off[name], device=dev)})
+        for op in order:
+            if op.optional:
+                omega.update(op.omega(s, ctx) if op.on else self._off(op.name, batch, dev))
         omega["color_order"] = color_order
         return omega
+
+    @staticmethod
+    def _off(name: str, batch: int, dev: torch.device) -> dict[str, torch.Tensor]:
+        """ω of an op that changed no view: its record's ``off`` value in each of its keys."""
+        rec = registry.get(name)
+        return {key: torch.full((batch,) if width == 1 else (batch, width), rec.off, device=dev)
+                for key, width in rec.omega}
 
     # ------------------------------------------------------------------ pieces
     @staticmethod

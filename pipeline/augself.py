@@ -6,7 +6,8 @@ augmentation parameters differ.  ``L = L_ssl + λ · Σ_a w_a · L_a`` over the 
 loop multiplies by λ.  λ = 0 builds no head at all (:func:`build_augself_head` returns None), so
 the baseline has no extra parameters, compute or randomness.
 
-Targets (ω as produced by :class:`pipeline.augment.BatchAugment`, see its docstring):
+Targets (ω as produced by :class:`pipeline.augment.BatchAugment`, see its docstring), each read from its
+augmentation's record in :mod:`pipeline.augmentations` (output size, loss, builder):
 
 ====== ===== ============================================================== ====================
 aug    n_out target for the order (v1, v2)                                   loss
@@ -45,29 +46,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.augment import crop_centre
+from pipeline import augmentations as registry
 from pipeline.config import ConfigError, check_subset
-from pipeline.params import AUGSELF_AUGMENTATIONS, AugSelfParams
+from pipeline.params import AugSelfParams
 
-__all__ = ["AUG_OUTPUTS", "augself_targets", "AugSelfHead", "build_augself_head", "weighted_total"]
+__all__ = ["augself_targets", "AugSelfHead", "build_augself_head", "weighted_total"]
 
-# Output size and loss type of each head; the order of AUGSELF_AUGMENTATIONS (params.py) is kept.
-AUG_OUTPUTS: dict[str, tuple[int, str]] = {
-    "crop": (4, "regression"),
-    "flip": (1, "binary"),
-    "color": (4, "regression"),
-    "blur": (1, "regression"),
-    "rotation": (4, "classification"),
-    "solarize": (1, "regression"),
-}
-assert set(AUG_OUTPUTS) == set(AUGSELF_AUGMENTATIONS), "pipeline.params.AUGSELF_AUGMENTATIONS and AUG_OUTPUTS disagree"
+
+def _target(aug: str) -> registry.Target:
+    """The AugSelf target of ``aug``'s record: ``size`` outputs, ``loss``, ``build``."""
+    return registry.get(aug).target
 
 
 def _check_augmentations(augmentations: Sequence[str]) -> list[str]:
     augmentations = list(augmentations)
+    allowed = registry.target_names()
     if not augmentations:
-        raise ConfigError(f"augself.augmentations: empty; allowed values: {', '.join(AUGSELF_AUGMENTATIONS)}")
-    check_subset("augself.augmentations", augmentations, AUGSELF_AUGMENTATIONS)
+        raise ConfigError(f"augself.augmentations: empty; allowed values: {', '.join(allowed)}")
+    check_subset("augself.augmentations", augmentations, allowed)
     if len(set(augmentations)) != len(augmentations):
         raise ConfigError(f"augself.augmentations: {augmentations} lists an augmentation twice")
     return augmentations
@@ -91,31 +87,15 @@ def augself_targets(omega1: Mapping[str, torch.Tensor], omega2: Mapping[str, tor
     ``official_flip_mirror`` where the official code mirrors with the other view's flag.
     """
     augmentations = _check_augmentations(augmentations)
-    targets: dict[str, torch.Tensor] = {}
-    if "crop" in augmentations:
-        f1, f2 = omega1["flip"], omega2["flip"]
-        c1 = crop_centre(omega1["crop"], f1)
-        c2 = crop_centre(omega2["crop"], f1 if official_flip_mirror else f2)
-        sizes = omega1["crop"][:, 2:] - omega2["crop"][:, 2:]
-        targets["crop"] = torch.cat([c1 - c2, sizes], dim=1)
-    if "flip" in augmentations:
-        targets["flip"] = (omega1["flip"] == omega2["flip"]).float().unsqueeze(1)
-    if "color" in augmentations:
-        targets["color"] = omega1["color"] - omega2["color"]
-    if "blur" in augmentations:
-        targets["blur"] = (omega1["blur"] - omega2["blur"]).unsqueeze(1)
-    if "rotation" in augmentations:
-        targets["rotation"] = (omega1["rotation"].round().long() - omega2["rotation"].round().long() + 4) % 4
-    if "solarize" in augmentations:
-        targets["solarize"] = (omega1["solarize"] - omega2["solarize"]).unsqueeze(1)
-    return targets
+    return {a: _target(a).build(omega1, omega2, official_flip_mirror)
+            for a in registry.target_names() if a in augmentations}
 
 
 def _swapped(targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Targets of the order (v2, v1) from those of (v1, v2): −target for differences, same for flip,
     the inverse rotation ``(4 − t) mod 4`` for rotation."""
     def swap(aug: str, t: torch.Tensor) -> torch.Tensor:
-        n_out, kind = AUG_OUTPUTS[aug]
+        n_out, kind = _target(aug).size, _target(aug).loss
         return t if kind == "binary" else (n_out - t) % n_out if kind == "classification" else -t
     return {a: swap(a, t) for a, t in targets.items()}
 
@@ -155,14 +135,14 @@ class AugSelfHead(nn.Module):
             raise ConfigError(f"augself.hidden_dim: must be a positive int, got {hidden_dim!r}")
         self.augmentations = _check_augmentations(augmentations)
         weights = dict(weights or {})
-        check_subset("augself.weights", weights, AUGSELF_AUGMENTATIONS)
+        check_subset("augself.weights", weights, registry.target_names())
         for a, w in weights.items():
             if w < 0:
                 raise ConfigError(f"augself.weights.{a}: value {w!r} is out of range; allowed: [0, inf]")
         self.weights = {a: float(weights.get(a, 1.0)) for a in self.augmentations}
         self.official_flip_mirror = bool(official_flip_mirror)
         self.feat_dim = feat_dim
-        self.heads = nn.ModuleDict({a: self._mlp(2 * feat_dim, hidden_dim, AUG_OUTPUTS[a][0])
+        self.heads = nn.ModuleDict({a: self._mlp(2 * feat_dim, hidden_dim, _target(a).size)
                                     for a in self.augmentations})
 
     @staticmethod
@@ -191,11 +171,11 @@ class AugSelfHead(nn.Module):
         losses = {}
         for a in self.augmentations:
             pred = self.heads[a](z).float()          # losses in float32, also under bf16/fp16 autocast
-            kind = AUG_OUTPUTS[a][1]
+            kind = _target(a).loss
             target = torch.cat([targets[a], targets_swapped[a]], dim=0)
             expected = pred.shape[:1] if kind == "classification" else pred.shape
             if target.shape != expected:
-                want = f"({f1.shape[0]},) class indices" if kind == "classification" else f"({f1.shape[0]}, {AUG_OUTPUTS[a][0]})"
+                want = f"({f1.shape[0]},) class indices" if kind == "classification" else f"({f1.shape[0]}, {_target(a).size})"
                 raise ValueError(f"AugSelfHead: target for {a!r} has shape {tuple(targets[a].shape)}, expected {want}")
             if kind == "classification":
                 losses[a] = F.cross_entropy(pred, target.long())

@@ -12,8 +12,9 @@ What this module owns, and the choices made (read from the paper, the README and
 
 * **The ω → vector encoding** (:func:`omega_vector`).  Each view is conditioned on its *own
   absolute* ω, not on a difference between the views.  The blocks named in ``cassle.conditions``
-  are concatenated in alphabetical order of their names (:data:`BLOCK_SIZES`), whatever order the
-  list gives, so a block list fixes the layout:
+  are concatenated in alphabetical order of their names, whatever order the list gives, so a block
+  list fixes the layout.  Each block is part of its augmentation's record
+  (:func:`pipeline.augmentations.cassle_blocks`: size, the ω keys it reads, its encoding):
 
   ============ ===== ===========================================================================
   block        size  value (per view, from :class:`pipeline.augment.BatchAugment`'s ω)
@@ -67,31 +68,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.augment import crop_centre
+from pipeline import augmentations as registry
 from pipeline.config import ConfigError, check_choice, check_subset
 from pipeline.models import mlp
-from pipeline.params import CASSLE_BLOCKS, CASSLE_INJECTIONS, CassleParams
+from pipeline.params import CASSLE_INJECTIONS, CassleParams
 
-__all__ = ["BLOCK_SIZES", "Conditioning", "ConditionedProjector", "omega_vector", "omega_embedding",
-           "condition_dim"]
-
-# Numbers per block, in the (alphabetical) order blocks are concatenated in.
-BLOCK_SIZES: dict[str, int] = {"blur": 1, "color": 4, "color_diff": 3, "crop": 4, "flip": 1, "grayscale": 1}
-assert tuple(BLOCK_SIZES) == CASSLE_BLOCKS == tuple(sorted(BLOCK_SIZES)), \
-    "pipeline.params.CASSLE_BLOCKS and BLOCK_SIZES must list the same blocks in alphabetical order"
+__all__ = ["Conditioning", "ConditionedProjector", "omega_vector", "omega_embedding", "condition_dim"]
 
 
 def _ordered(blocks: Sequence[str]) -> list[str]:
-    blocks = list(blocks)
+    blocks, allowed = list(blocks), registry.cassle_blocks()
     if not blocks:
-        raise ConfigError(f"cassle.conditions: empty; allowed values: {', '.join(CASSLE_BLOCKS)}")
-    check_subset("cassle.conditions", blocks, CASSLE_BLOCKS)
+        raise ConfigError(f"cassle.conditions: empty; allowed values: {', '.join(allowed)}")
+    check_subset("cassle.conditions", blocks, allowed)
     return sorted(set(blocks))
 
 
 def condition_dim(blocks: Sequence[str]) -> int:
     """Length of the encoded ω vector for ``blocks``."""
-    return sum(BLOCK_SIZES[b] for b in _ordered(blocks))
+    sizes = registry.cassle_blocks()
+    return sum(sizes[b].size for b in _ordered(blocks))
 
 
 def _get(omega: Mapping[str, torch.Tensor], key: str, block: str) -> torch.Tensor:
@@ -102,25 +98,23 @@ def _get(omega: Mapping[str, torch.Tensor], key: str, block: str) -> torch.Tenso
     return omega[key]
 
 
-def _block(omega: Mapping[str, torch.Tensor], block: str) -> torch.Tensor:
-    """One block as a ``(B, BLOCK_SIZES[block])`` float tensor."""
-    if block == "crop":
-        box = _get(omega, "crop", block)                       # (top, left, h, w) of the source
-        value = torch.cat([crop_centre(box, _get(omega, "flip", block)), box[:, 2:]], dim=1)
-    else:
-        value = _get(omega, block, block)
+def _block(omega: Mapping[str, torch.Tensor], block: str, spec: registry.Block) -> torch.Tensor:
+    """One block as a ``(B, spec.size)`` float tensor: its record's encoding of the ω keys it reads."""
+    read = {key: _get(omega, key, block) for key in spec.reads}
+    value = spec.encode(read) if spec.encode is not None else read[block]
     value = value.float()
     if value.dim() == 1:
         value = value.unsqueeze(1)
-    if value.dim() != 2 or value.shape[1] != BLOCK_SIZES[block]:
+    if value.dim() != 2 or value.shape[1] != spec.size:
         raise ValueError(f"CASSLE: omega for block {block!r} has shape {tuple(value.shape)}, expected "
-                         f"(B, {BLOCK_SIZES[block]})")
+                         f"(B, {spec.size})")
     return value
 
 
 def omega_vector(omega: Mapping[str, torch.Tensor], blocks: Sequence[str]) -> torch.Tensor:
     """Encode one view's ω as ``(B, condition_dim(blocks))`` float32: the blocks in alphabetical order."""
-    return torch.cat([_block(omega, b) for b in _ordered(blocks)], dim=1)
+    specs = registry.cassle_blocks()
+    return torch.cat([_block(omega, b, specs[b]) for b in _ordered(blocks)], dim=1)
 
 
 def omega_embedding(in_dim: int, width: int, out_dim: int, depth: int) -> nn.Sequential:

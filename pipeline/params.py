@@ -11,25 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import augmentations as registry
 from pipeline.config import (ConfigError, check_choice, check_range, check_subset, from_dict,
                              read_yaml, set_dotted, stable_hash, to_dict)
 
 # Names known to the library.  The registries themselves live with their code (pipeline.methods,
 # pipeline.models, pipeline.data); these tuples are imported by those registries' tests to keep the
-# two in sync, and used here so that validation never has to import torch.
+# two in sync, and used here so that validation never has to import torch.  The augmentations (the
+# ops of augment.order, the AugSelf targets, the CASSLE blocks) are read from pipeline.augmentations,
+# their one registry, which imports no torch either.
 METHODS = ("simclr", "simsiam", "moco", "byol")
 BACKBONES = ("resnet_small", "resnet18", "resnet50")
-AUGSELF_AUGMENTATIONS = ("crop", "flip", "color", "blur", "rotation", "solarize")
-# The ops of the view pipeline, in the official order (pipeline/augment.py); normalisation always ends it.
-AUGMENT_OPS = ("crop", "flip", "color", "solarize", "grayscale", "blur", "rotation")
 # augment.color_strength: the official ``--color-aug`` scale of the jitter strengths and grayscale_p, and
 # ``none`` (scale 0: no colour jitter and no grayscale, the premise's control; issue 24).
 COLOR_STRENGTHS = {"none": 0.0, "weak": 0.5, "default": 1.0, "strong": 2.0}
 # Pretraining variants: each has a section of its own in params.yaml (``baseline: {}``, ``augself:``,
 # ``cassle:``) that only its pretrain stages declare.  Adding one: a name here, a section below, a file.
 VARIANTS = ("baseline", "augself", "cassle")
-# CASSLE ω blocks (pipeline.cassle), in the alphabetical order they are concatenated in.
-CASSLE_BLOCKS = ("blur", "color", "color_diff", "crop", "flip", "grayscale")
 CASSLE_INJECTIONS = ("proj-cat", "proj-add", "proj-mul")
 # ssl.* keys that change neither the data nor the arithmetic of training (bookkeeping and speed): left
 # out of the training hash (pipeline.train), so editing them never voids a run in progress, and out of
@@ -170,7 +168,7 @@ class AugmentParams:
     color_strength: str = "default"     # none | weak | default | strong: scales jitter strengths and grayscale_p
     solarize_p: float = 0.0             # official stl10_sol: 0.5 (threshold ~ U(0, 1))
     rotation_p: float = 0.0             # official stl10_rot: 0.5 (k·90°, k uniform in {0, 1, 2, 3})
-    order: list[str] = field(default_factory=lambda: list(AUGMENT_OPS))
+    order: list[str] = field(default_factory=lambda: list(registry.pipeline_order()))
 
     def __post_init__(self):
         lo, hi = self.crop_scale
@@ -178,8 +176,9 @@ class AugmentParams:
         check_range("augment.crop_scale[1]", hi, lo, 1)
         check_range("augment.crop_ratio[0]", self.crop_ratio[0], 0, lo_open=True)
         check_range("augment.crop_ratio[1]", self.crop_ratio[1], self.crop_ratio[0])
-        for k in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "rotation_p"):
-            check_range(f"augment.{k}", getattr(self, k), 0, 1)
+        for aug in registry.records():                  # each op's probability (crop: always on)
+            if aug.key is not None:
+                check_range(f"augment.{aug.key}", getattr(self, aug.key), 0, 1)
         for k in ("brightness", "contrast", "saturation"):
             check_range(f"augment.{k}", getattr(self, k), 0, 1)
         check_range("augment.hue", self.hue, 0, 0.5)
@@ -188,12 +187,12 @@ class AugmentParams:
         for i, s in enumerate(self.std):
             check_range(f"augment.std[{i}]", s, 0, lo_open=True)
         check_choice("augment.color_strength", self.color_strength, tuple(COLOR_STRENGTHS))
-        order = list(self.order)
-        check_subset("augment.order", order, AUGMENT_OPS)
-        if sorted(order) != sorted(AUGMENT_OPS) or not order or order[0] != "crop":
+        order, ops = list(self.order), registry.pipeline_order()
+        check_subset("augment.order", order, ops)
+        if sorted(order) != sorted(ops) or not order or order[0] != "crop":
             raise ConfigError(f"augment.order: {order} must list every op exactly once with crop first "
                               f"(the crop reads the source image; the other ops work on the views); "
-                              f"the official order is {list(AUGMENT_OPS)}; switch an op off with its "
+                              f"the official order is {list(ops)}; switch an op off with its "
                               f"probability (e.g. augment.rotation_p: 0)")
 
     def scaled_color(self, s: float) -> dict[str, float]:
@@ -212,19 +211,9 @@ class AugmentParams:
         return self.scaled_color(COLOR_STRENGTHS[self.color_strength])["grayscale_p"]
 
     def probability(self, aug: str) -> float:
-        """The probability that switches the view op behind AugSelf target ``aug`` (crop: 1, always on)."""
-        return {"crop": 1.0, "flip": self.flip_p, "color": self.jitter_p if any(self.jitter_strengths()) else 0.0,
-                "blur": self.blur_p, "rotation": self.rotation_p, "solarize": self.solarize_p,
-                "grayscale": self.effective_grayscale_p()}[aug]
-
-
-# The augment.* key that switches each AugSelf target's augmentation on (used in messages).
-AUGMENTATION_SWITCH = {"crop": "augment.crop_scale", "flip": "augment.flip_p", "color": "augment.jitter_p",
-                       "blur": "augment.blur_p", "rotation": "augment.rotation_p", "solarize": "augment.solarize_p",
-                       "grayscale": "augment.grayscale_p"}
-# The augmentation behind each CASSLE condition block (crop is always on).
-CASSLE_CONDITION_AUGMENTATION = {"blur": "blur", "color": "color", "color_diff": "color", "flip": "flip",
-                                 "grayscale": "grayscale"}
+        """The probability that the view op ``aug`` changes a view (crop: 1, always on); its record's
+        (:mod:`pipeline.augmentations`)."""
+        return registry.get(aug).probability(self)
 
 
 @dataclass
@@ -241,10 +230,11 @@ class AugSelfParams:
         if self.ss_only and self.lambda_ == 0:
             raise ConfigError("augself.ss_only: true with augself.lambda: 0 leaves no loss to train on; "
                               "set augself.lambda > 0 or augself.ss_only: false")
+        targets = registry.target_names()
         if not self.augmentations:
-            raise ConfigError(f"augself.augmentations: empty; allowed values: {', '.join(AUGSELF_AUGMENTATIONS)}")
-        check_subset("augself.augmentations", self.augmentations, AUGSELF_AUGMENTATIONS)
-        check_subset("augself.weights", self.weights, AUGSELF_AUGMENTATIONS)
+            raise ConfigError(f"augself.augmentations: empty; allowed values: {', '.join(targets)}")
+        check_subset("augself.augmentations", self.augmentations, targets)
+        check_subset("augself.weights", self.weights, targets)
         for k, w in self.weights.items():
             check_range(f"augself.weights.{k}", w, 0)
 
@@ -268,9 +258,10 @@ class CassleParams:
     width: int = 64                     # its hidden (and, for proj-cat, output) width
 
     def __post_init__(self):
+        blocks = registry.cassle_blocks()
         if not self.conditions:
-            raise ConfigError(f"cassle.conditions: empty; allowed values: {', '.join(CASSLE_BLOCKS)}")
-        check_subset("cassle.conditions", self.conditions, CASSLE_BLOCKS)
+            raise ConfigError(f"cassle.conditions: empty; allowed values: {', '.join(blocks)}")
+        check_subset("cassle.conditions", self.conditions, blocks)
         if len(set(self.conditions)) != len(self.conditions):
             raise ConfigError(f"cassle.conditions: {self.conditions} lists a block twice")
         check_choice("cassle.injection", self.injection, CASSLE_INJECTIONS)
@@ -353,26 +344,27 @@ class Params:
         # An AugSelf target needs its augmentation: a view op that is off gives a constant target.  Checked
         # when the AugSelf variant trains (a baseline-only run at augment.color_strength: none is valid).
         for aug in self.augself.augmentations if "augself" in self.variants else []:
-            if aug in AUGMENTATION_SWITCH and self.augment.probability(aug) == 0:
-                key = AUGMENTATION_SWITCH[aug]
-                if aug == "color" and self.augment.color_strength == "none":
-                    raise ConfigError("augself.augmentations: 'color' is listed but augment.color_strength is "
-                                      "'none' (no colour jitter), so its target would be constant; remove "
-                                      "'color' from augself.augmentations, train only variants without augself, "
-                                      "or pick another augment.color_strength")
+            rec = registry.get(aug)
+            if self.augment.probability(aug) == 0:
+                key = f"augment.{rec.key}"
+                if rec.colour and self.augment.color_strength == "none":
+                    raise ConfigError(f"augself.augmentations: {aug!r} is listed but augment.color_strength is "
+                                      f"'none' (no colour jitter), so its target would be constant; remove "
+                                      f"{aug!r} from augself.augmentations, train only variants without augself, "
+                                      f"or pick another augment.color_strength")
                 raise ConfigError(f"augself.augmentations: {aug!r} is listed but its augmentation is off "
-                                  f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
+                                  f"({key} = 0{rec.off_when}), "
                                   f"so its target would be constant; set {key} > 0 or remove {aug!r} "
                                   f"from augself.augmentations")
         # A CASSLE condition needs its op too: an op that is off makes its block a constant input.  Checked
         # when the CASSLE variant trains, as the AugSelf targets are (a baseline-only run at
         # augment.color_strength: none is valid with the default conditions).
         for block in self.cassle.conditions if "cassle" in self.variants else []:
-            aug = CASSLE_CONDITION_AUGMENTATION.get(block)
-            if aug is not None and self.augment.probability(aug) == 0:
-                key = AUGMENTATION_SWITCH[aug]
+            rec = registry.block_owner(block)
+            if rec.probability(self.augment) == 0:
+                key = f"augment.{rec.key}"
                 raise ConfigError(f"cassle.conditions: {block!r} is listed but its augmentation is off "
-                                  f"({key} = 0{' or every jitter strength is 0' if aug == 'color' else ''}), "
+                                  f"({key} = 0{rec.off_when}), "
                                   f"so the projector would be given a constant; set {key} > 0 or remove "
                                   f"{block!r} from cassle.conditions")
         if not self.variants:

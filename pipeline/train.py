@@ -181,7 +181,7 @@ def training_hash(params: Params, method: str, variant: str) -> str:
 # The modules whose source determines the trained weights (the same list as the pretrain stages'
 # code deps in dvc.yaml, less the glue that only logs and writes files).
 TRAINING_CODE = ("train.py", "augment.py", "augself.py", "cassle.py", "models.py", "methods", "distributed.py",
-                 "checkpoint.py", "data/prepared.py")
+                 "checkpoint.py", "data/prepared.py", "augmentations.py")
 # The rest of the pretrain stages' pipeline/ deps: the glue, which logs and writes files but does not
 # change the weights (tests/test_keys.py: TRAINING_CODE + PRETRAIN_GLUE are the stage's deps).
 PRETRAIN_GLUE = ("monitor.py", "tracking.py", "workflow.py")

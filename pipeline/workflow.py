@@ -292,14 +292,11 @@ def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path
 
 
 def probe_augmentations(params: Params) -> list[str]:
-    """Every augmentation the views use (so baseline and AugSelf are probed on the same targets)."""
-    augs = ["crop", "color"]
-    if params.augment.flip_p > 0:
-        augs.insert(1, "flip")
-    if params.augment.blur_p > 0:
-        augs.append("blur")
-    augs += [a for a in ("rotation", "solarize") if params.augment.probability(a) > 0]
-    return augs
+    """Every augmentation the views use (so baseline and AugSelf are probed on the same targets), as the
+    records of :mod:`pipeline.augmentations` say (:func:`~pipeline.augmentations.probed`)."""
+    from pipeline.augmentations import probed
+
+    return probed(params.augment)
 
 
 def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:

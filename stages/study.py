@@ -10,7 +10,7 @@ gather  (--from REMOTE: `dvc exp pull` the study's experiments from the git remo
         DVC remote) export every finished model from MLflow into the ledger, rebuild the study's report
 report  rebuild the study's report from the ledger (study.yaml's report_dir: reports/study/; a study with
         `report: premise`, e.g. study-premise.yaml, builds the per-method premise report instead)
-power   the confirmatory study's power from the ledger's paired hue Δ (pipeline/study/power.py): prints
+power   the confirmatory study's power from the paired hue Δ of --study's models (pipeline/study/power.py): prints
         the seeds per method for each target and the power table, writes reports/study/power.json
 
 A model is skipped when it is done anywhere: in the ledger, in an experiment this clone holds (its own or
@@ -54,7 +54,7 @@ def main() -> int:
         from pipeline.study.ledger import LEDGER
         from pipeline.study.power import main as power
 
-        power(LEDGER, Path("reports/study/power.json"))
+        power(LEDGER, Path("reports/study/power.json"), {k.name for k in load_study(a.study).models()})
         return 0
     study = load_study(a.study)
     models = study.models()

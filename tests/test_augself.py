@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.augment import BatchAugment
-from pipeline.augself import AUG_OUTPUTS, AugSelfHead, augself_targets, build_augself_head, weighted_total
+from pipeline.augmentations import get as record
+from pipeline.augself import AugSelfHead, augself_targets, build_augself_head, weighted_total
 from pipeline.config import ConfigError
 from pipeline.params import AugmentParams, AugSelfParams
 
@@ -70,7 +71,7 @@ def test_own_flag_targets_of_the_swapped_order_are_negated_and_flip_is_symmetric
 
 def test_flip_color_blur_targets_and_shapes():
     t = augself_targets(OMEGA1, OMEGA2, ALL)
-    assert {a: tuple(v.shape) for a, v in t.items()} == {a: (3, AUG_OUTPUTS[a][0]) for a in ALL}
+    assert {a: tuple(v.shape) for a, v in t.items()} == {a: (3, record(a).target.size) for a in ALL}
     torch.testing.assert_close(t["flip"], torch.tensor([[0.0], [1.0], [1.0]]))
     torch.testing.assert_close(t["color"], OMEGA1["color"] - OMEGA2["color"])
     torch.testing.assert_close(t["blur"], torch.tensor([[0.25], [-0.75], [1.0]]))
@@ -137,7 +138,7 @@ def test_head_is_the_official_mlp():
         kinds = [type(m) for m in mlp]
         assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
         assert mlp[0].in_features == 12 and mlp[0].bias is None and mlp[3].bias is None
-        assert mlp[6].out_features == AUG_OUTPUTS[a][0] and mlp[6].bias is not None
+        assert mlp[6].out_features == record(a).target.size and mlp[6].bias is not None
 
 
 def test_losses_equal_a_direct_symmetric_computation():

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from pipeline.augment import BatchAugment, view_generator
-from pipeline.cassle import BLOCK_SIZES, ConditionedProjector, Conditioning, condition_dim, omega_vector
+from pipeline.augmentations import cassle_blocks
+from pipeline.cassle import ConditionedProjector, Conditioning, condition_dim, omega_vector
 from pipeline.config import ConfigError, from_dict
 from pipeline.methods import build_method
 from pipeline.models import build_backbone, load_backbone
-from pipeline.params import CASSLE_BLOCKS, METHODS, CassleParams, Params
+from pipeline.params import METHODS, CassleParams, Params
 from pipeline.train import FINAL, build_pretrain_model, pretrain, training_hash
 from tests.test_methods import tiny_params as tiny_method_params
 from tests.test_train import SIZE, tiny_images
@@ -54,7 +55,10 @@ def test_omega_vector_by_hand_alphabetical_and_crop_mirrored():
                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 0.0, 1.0]])
     torch.testing.assert_close(got, expect)
     assert condition_dim(["crop", "blur"]) == 5 and got.shape[1] == condition_dim(list(omega))
-    assert tuple(BLOCK_SIZES) == CASSLE_BLOCKS == tuple(sorted(CASSLE_BLOCKS))
+    # the blocks of the augmentation records, alphabetical, with the sizes above
+    assert {b: s.size for b, s in cassle_blocks().items()} == {"blur": 1, "color": 4, "color_diff": 3, "crop": 4,
+                                                                "flip": 1, "grayscale": 1}
+    assert list(cassle_blocks()) == sorted(cassle_blocks())
 
 
 def test_every_default_block_is_returned_by_the_augmentation():

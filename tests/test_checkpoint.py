@@ -138,12 +138,15 @@ def test_write_text_writes_the_text_as_it_is(tmp_path):
 
 def test_no_module_hand_rolls_an_atomic_write():
     """checkpoint.py owns atomic writes (temp file + fsync + rename): nothing else renames a temp file over
-    an output.  The one exception is the prepared dataset, a directory swapped whole (pipeline/data/prepared.py)."""
+    an output, in the library, the stages, the scripts or the benches.  The one exception is the prepared
+    dataset, a directory swapped whole (pipeline/data/prepared.py)."""
     import re
 
-    root = Path(ckpt_io.__file__).parent
-    pattern = re.compile(r"os\.replace\(|\btmp\w*\.replace\(|\.tmp\"?\)?\.replace\(|with_suffix\(\"\.tmp\"\)")
+    root = Path(ckpt_io.__file__).parents[1]
+    pattern = re.compile(r"os\.replace\(|\btmp\w*\.replace\(|\.tmp\"?\)?\.replace\(|with_suffix\(\"\.tmp\"\)|\.json\.tmp")
+    files = [f for d in ("pipeline", "stages", "scripts", "bench") for f in sorted((root / d).rglob("*.py"))
+             if "node_modules" not in f.parts]
     found = [f"{f.relative_to(root)}:{i}: {line.strip()}"
-             for f in sorted(root.rglob("*.py")) if f.name != "checkpoint.py" and f.relative_to(root).as_posix() != "data/prepared.py"
+             for f in files if f.relative_to(root).as_posix() not in ("pipeline/checkpoint.py", "pipeline/data/prepared.py")
              for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert not found, "write through pipeline.checkpoint (write_json / write_csv / write_npz / write_text) instead:\n" + "\n".join(found)

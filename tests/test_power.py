@@ -87,12 +87,17 @@ def test_the_script_reads_the_paired_delta_of_each_method_and_seed_from_the_ledg
             rec = json.loads((tmp_path / f"{key.name}.json").read_text())
             rec["key"]["epochs"] = 20
             (tmp_path / f"{key.name}.json").write_text(json.dumps(rec))
-    per = pw.read_deltas(tmp_path)
+    # a pair of a later study on new seeds at the same schedule (the confirmatory study): read only when asked
+    first_study = {f.stem for f in tmp_path.glob("*.json")}
+    for variant, lam in (("baseline", 0.0), ("augself", 1.0)):
+        _write(tmp_path, ModelKey("simclr", variant, lam, "strong", 5), (rng.random(300) < 0.5).astype(np.float32) * 100)
+    assert 5 in pw.read_deltas(tmp_path).deltas["simclr"]
+    per = pw.read_deltas(tmp_path, models=first_study)
     for m in pw.METHODS:
         assert list(per.deltas[m].values()) == pytest.approx(want[m], abs=1e-4)
         assert per.sd(m) == pytest.approx(np.std(want[m], ddof=1), abs=1e-4)
     assert per.pooled_sd() == pytest.approx(np.sqrt(np.mean([np.var(want[m], ddof=1) for m in pw.METHODS])), abs=1e-4)
-    res = pw.main(tmp_path, tmp_path / "out" / "power.json", reps=2000)
+    res = pw.main(tmp_path, tmp_path / "out" / "power.json", first_study, reps=2000)
     assert json.loads((tmp_path / "out" / "power.json").read_text())["primary_test"]["seeds_per_method"] == \
         res["primary_test"]["seeds_per_method"] == pw.seeds_for_power(1.0, per.pooled_sd(), 0.8)
     assert [r["n"] for r in res["table"]] == list(range(3, 13))

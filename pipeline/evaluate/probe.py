@@ -11,7 +11,8 @@ more augmentation information than the baseline's.  The probe measures it on fro
    each view's own flip flag for the mirrored crop centre);
 4. the pairs are split (seeded) into a train part and a held-out part of ``params.test_fraction``;
    inputs are standardised with the train part's statistics;
-5. crop, colour (and blur, solarize): ridge regression (penalty ``params.ridge``, unpenalised intercept) from
+5. each augmentation is probed as its record says (:mod:`pipeline.augmentations`, ``probe``):
+   ``ridge`` (crop, colour, blur, solarize): ridge regression (penalty ``params.ridge``, unpenalised intercept) from
    ``[f1, f2]`` to ω_diff, reported as held-out R² (1 − SS_res/SS_tot per target dimension, averaged
    over the dimensions that vary; a dimension that is constant, e.g. the hue of a zero hue strength,
    is left out);
@@ -33,12 +34,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline import augmentations as registry
 from pipeline.evaluate.features import embed
 from pipeline.evaluate.linear import DEFAULT_TOL, accuracy, fit_logistic
 from pipeline.params import ProbeParams
-
-# Targets probed as a classification from [f1, f2, f1 ⊙ f2] (see the module docstring); the rest by ridge R².
-PAIRWISE_CLASSIFICATION = ("flip", "rotation")
 
 __all__ = ["standardise", "ridge_r2", "logistic_accuracy", "augmentation_probe", "format_probe_result"]
 
@@ -156,7 +155,7 @@ def augmentation_probe(backbone: nn.Module, images: np.ndarray, augment, augment
     for aug in augmentations:
         target = targets[aug].detach().cpu().double()
         target = target.reshape(count, -1)
-        if aug in PAIRWISE_CLASSIFICATION:
+        if registry.get(aug).probe == "pairwise":      # a classifier on [f1, f2, f1 ⊙ f2]; else ridge R²
             x = torch.cat([f1, f2, f1 * f2], 1)
             results[aug] = logistic_accuracy(x[train], target[train], x[test], target[test], params.ridge)
         else:

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import ScaledTranslation
 
-from pipeline.params import AUGSELF_AUGMENTATIONS
+from pipeline.augmentations import target_names
 from pipeline.report.schema import MetricSpec, find_curve, lambda_label, method_order
 from pipeline.report.tables import stat_column
 
@@ -207,7 +207,7 @@ def lambda_figure(summary: pd.DataFrame, specs: list[MetricSpec], title: str) ->
 
 def _loss_terms(curves: list[pd.DataFrame]) -> list[str]:
     cols = {c for df in curves for c in df.columns if c.startswith("pretrain/loss") and df[c].notna().any()}
-    rank = {f"pretrain/loss_augself/{a}": i for i, a in enumerate(AUGSELF_AUGMENTATIONS)}
+    rank = {f"pretrain/loss_augself/{a}": i for i, a in enumerate(target_names())}
     augself = sorted((c for c in cols if c.startswith("pretrain/loss_augself/")), key=lambda c: (rank.get(c, 99), c))
     return [c for c in ["pretrain/loss_ssl", *augself, "pretrain/loss_total"] if c in cols]
 

@@ -25,7 +25,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from pipeline.params import AUGSELF_AUGMENTATIONS, METHODS, VARIANTS
+from pipeline.augmentations import target_names
+from pipeline.params import METHODS, VARIANTS
 
 REQUIRED_COLUMNS = ("run_id", "method", "variant", "lambda", "seed")
 OPTIONAL_COLUMNS = ("group", "commit", "dvc_exp", "start_time")
@@ -105,7 +106,8 @@ def _order_key(spec: MetricSpec) -> tuple:
     then the AugSelf terms, the total and the throughput; otherwise natural order (1-shot before 10-shot)."""
     parts = spec.column.split("/")
     aug = parts[1] if spec.family == PROBE else parts[2] if spec.column.startswith("pretrain/loss_augself/") else None
-    aug_rank = AUGSELF_AUGMENTATIONS.index(aug) if aug in AUGSELF_AUGMENTATIONS else len(AUGSELF_AUGMENTATIONS)
+    augs = target_names()
+    aug_rank = augs.index(aug) if aug in augs else len(augs)
     pretrain_rank = {"pretrain/loss_ssl": 0, "pretrain/loss_total": 2, "pretrain/images_per_s": 3}.get(spec.column, 1)
     natural = [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", spec.column)]
     return FAMILIES.index(spec.family), pretrain_rank, aug_rank, natural

@@ -29,12 +29,12 @@ LEDGER = Path("reports/study/runs")
 def expected_metrics(params: Params) -> list[str]:
     """The metric columns a finished model has: linear top-1 and few-shot of every downstream task, and
     the augmentation probe of every augmentation the views use (its stage may finish last)."""
-    from pipeline.evaluate.probe import PAIRWISE_CLASSIFICATION
+    from pipeline.augmentations import PROBE_METRICS, get
     from pipeline.workflow import probe_augmentations
 
     # An augmentation that is off (colour at augment.color_strength: none) has a constant ω: its probe logs
     # NaN (no R² of a constant), so it is not waited for.
-    out = [f"probe/{a}/{'acc' if a in PAIRWISE_CLASSIFICATION else 'r2'}" for a in probe_augmentations(params)
+    out = [f"probe/{a}/{PROBE_METRICS[get(a).probe]}" for a in probe_augmentations(params)
            if params.augment.probability(a) > 0]
     fs = params.eval.fewshot
     for name, entry in params.data.datasets.items():

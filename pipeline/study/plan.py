@@ -16,8 +16,10 @@
 A block may also set ``epochs`` and ``lr`` (``ssl.epochs``, ``ssl.lr``; left out: params.yaml's, and the
 model's name is the one it always had) and ``minutes_per_model`` (its models' cost estimate, else the
 study's); a schedule set there is part of the model's key and name (``…-strong-ep20-seed0``).  A study
-may name its report: ``report: premise`` (:mod:`pipeline.study.premise_report`, baselines only) or the
-default ``study`` (:mod:`pipeline.study.report`), written to ``report_dir`` (default ``reports/study``).
+may name its report: ``report: premise`` (:mod:`pipeline.study.premise_report`, baselines only),
+``report: confirmatory`` with ``compare_with: study.yaml`` (:mod:`pipeline.study.confirm`: the pre-registered
+primary test above the usual report, and the two studies side by side) or the default ``study``
+(:mod:`pipeline.study.report`), written to ``report_dir`` (default ``reports/study``).
 Every study shares the one ledger, so a model two studies plan under the same key is trained once.
 
 A *model* is one (method, variant, λ, colour strength, seed[, epochs, lr]); λ only matters for ``augself`` (the other
@@ -40,7 +42,7 @@ from pipeline.config import ConfigError, check_subset, read_yaml
 from pipeline.params import COLOR_STRENGTHS, METHODS, VARIANTS
 
 STUDY_FILE = "study.yaml"
-REPORTS = ("study", "premise")                        # study.yaml's `report:`
+REPORTS = ("study", "premise", "confirmatory")        # study.yaml's `report:`
 BLOCK_SCHEDULE = ("epochs", "lr", "minutes_per_model")   # optional keys of a block beside its crossing
 
 
@@ -94,8 +96,9 @@ class Study:
     blocks: list[Block]
     minutes_per_model: float = 2.0           # the budget estimate shown by `plan` (measured, docs/study.md)
     overrides: dict = field(default_factory=dict)   # -S overrides every experiment of the study adds
-    report: str = "study"                    # study | premise: which report `report` builds from the ledger
+    report: str = "study"                    # study | premise | confirmatory: which report `report` builds
     report_dir: str = "reports/study"
+    compare_with: str | None = None          # confirmatory: the study file whose seeds generated the hypothesis
 
     def models(self) -> list[ModelKey]:
         keys = set()
@@ -141,13 +144,21 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with name, seeds, blocks")
-    unknown = set(raw) - {"name", "seeds", "blocks", "minutes_per_model", "overrides", "report", "report_dir"}
+    unknown = set(raw) - {"name", "seeds", "blocks", "minutes_per_model", "overrides", "report", "report_dir",
+                          "compare_with"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, seeds, blocks, "
-                          f"minutes_per_model, overrides, report, report_dir")
+                          f"minutes_per_model, overrides, report, report_dir, compare_with")
     report = raw.get("report", "study")
     if report not in REPORTS:
         raise ConfigError(f"{path}: report: {report!r} is not one of {', '.join(REPORTS)}")
+    compare_with = raw.get("compare_with")
+    if (report == "confirmatory") != (compare_with is not None):
+        raise ConfigError(f"{path}: compare_with (the study file whose seeds generated the hypothesis, e.g. "
+                          f"study.yaml) goes with report: confirmatory, and only with it")
+    if compare_with is not None and not Path(compare_with).is_file():
+        raise ConfigError(f"{path}: compare_with: {compare_with!r} is not a file; name the first study's file, "
+                          f"e.g. study.yaml")
     blocks = []
     for i, b in enumerate(raw.get("blocks") or []):
         where = f"{path}: blocks[{i}]"
@@ -189,7 +200,7 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise ConfigError(f"{path}: name must be a non-empty string (it labels the study's runs)")
     return Study(raw["name"], list(seeds), blocks, float(raw.get("minutes_per_model", 2.0)),
-                 dict(raw.get("overrides") or {}), report, str(raw.get("report_dir", "reports/study")))
+                 dict(raw.get("overrides") or {}), report, str(raw.get("report_dir", "reports/study")), compare_with)
 
 
 @dataclass(frozen=True)

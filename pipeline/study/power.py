@@ -75,30 +75,50 @@ class PerSeed:
         return sum(len(d) - 1 for d in self.deltas.values())
 
 
-def read_deltas(ledger: Path, metric: str = PRIMARY, strength: str = "strong", lam: float = 1.0,
-                methods: tuple[str, ...] = METHODS) -> PerSeed:
-    """Paired per-seed Δ (points) of AugSelf λ = ``lam`` − baseline from the ledger's per-item scores."""
-    from pipeline.study.ledger import read_ledger
-
-    runs, items = read_ledger(ledger)
-    for col in ("epochs", "lr"):                  # params.yaml's schedule only: the ledger is shared by every study
-        if col in runs:
-            runs = runs[runs[col].isna()]
+def per_seed_deltas(runs, items: dict, metric: str = PRIMARY, variant: str = "augself", lam: float = 1.0,
+                    strength: str = "strong", methods: tuple[str, ...] = METHODS) -> dict[str, dict[int, float]]:
+    """{method: {seed: Δ}} of ``variant`` (AugSelf at λ = ``lam``) − baseline of the same seed, from ledger rows
+    (:func:`pipeline.study.ledger.read_ledger`): the mean over the same test items of the variant's minus the
+    baseline's per-item score, in points.  A method without a paired seed is left out."""
     out: dict[str, dict[int, float]] = {}
+    if runs.empty:
+        return out
     for method in methods:
         sel = runs[(runs["method"] == method) & (runs["strength"] == strength)]
         base = {int(r.seed): r.run_id for r in sel[sel["variant"] == "baseline"].itertuples()}
-        aug = {int(r.seed): r.run_id for r in sel[(sel["variant"] == "augself") & (sel["lambda"] == lam)].itertuples()}
+        other = sel[sel["variant"] == variant]
+        if variant == "augself":
+            other = other[other["lambda"] == lam]
+        var = {int(r.seed): r.run_id for r in other.itertuples()}
         deltas = {}
-        for seed in sorted(set(base) & set(aug)):
-            a, b = items[aug[seed]][metric], items[base[seed]][metric]
+        for seed in sorted(set(base) & set(var)):
+            if metric not in items.get(var[seed], {}) or metric not in items.get(base[seed], {}):
+                continue
+            a, b = items[var[seed]][metric], items[base[seed]][metric]
             if len(a) != len(b):
                 raise ValueError(f"{method} seed {seed}: {len(a)} vs {len(b)} items; not paired")
             deltas[seed] = float(np.mean(a) - np.mean(b))
-        if len(deltas) < 2:
-            raise ValueError(f"{method}: {len(deltas)} paired seed(s) in {ledger}; an SD needs 2")
-        out[method] = deltas
-    return PerSeed(out)
+        if deltas:
+            out[method] = deltas
+    return out
+
+
+def read_deltas(ledger: Path, metric: str = PRIMARY, strength: str = "strong", lam: float = 1.0,
+                methods: tuple[str, ...] = METHODS, models: set[str] | None = None) -> PerSeed:
+    """Paired per-seed Δ (points) of AugSelf λ = ``lam`` − baseline from the ledger's per-item scores, of the
+    models named in ``models`` (the first study's: the confirmatory study's new seeds share the ledger and
+    must not plan themselves) or of every model in the ledger."""
+    from pipeline.study.ledger import read_ledger
+
+    runs, items = read_ledger(ledger, models)
+    for col in ("epochs", "lr"):                  # params.yaml's schedule only: the ledger is shared by every study
+        if col in runs:
+            runs = runs[runs[col].isna()]
+    out = per_seed_deltas(runs, items, metric, "augself", lam, strength, methods)
+    for method in methods:
+        if len(out.get(method, {})) < 2:
+            raise ValueError(f"{method}: {len(out.get(method, {}))} paired seed(s) in {ledger}; an SD needs 2")
+    return PerSeed({m: out[m] for m in methods})
 
 
 # -- the primary test: method-blocked paired t -----------------------------------------------------
@@ -371,8 +391,8 @@ def format_report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(ledger: Path, out: Path, **kw) -> dict:
-    res = analyse(read_deltas(ledger), **kw)
+def main(ledger: Path, out: Path, models: set[str] | None = None, **kw) -> dict:
+    res = analyse(read_deltas(ledger, models=models), **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(format_report(res))

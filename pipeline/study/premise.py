@@ -28,23 +28,25 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import augmentations
 from pipeline.config import to_dict
 from pipeline.params import COLOR_STRENGTHS, Params, load_params
 
-# The official --color-aug scales (pipeline.params.COLOR_STRENGTHS) and "none", the control without colour.
-STRENGTH_SCALE = {"none": 0.0, **COLOR_STRENGTHS}
-
 
 def strength_overrides(params: Params, strength: str) -> dict:
-    """augment.* overrides of one colour strength, relative to the params' own (default) strengths,
-    scaled and capped as ``augment.color_strength`` is (:meth:`AugmentParams.scaled_color`)."""
-    s = STRENGTH_SCALE[strength]
+    """augment.* overrides of one colour strength (:data:`pipeline.params.COLOR_STRENGTHS`: the official
+    ``--color-aug`` scales and ``none``, the control without colour), relative to the params' own
+    (default) strengths, scaled and capped as ``augment.color_strength`` is (:meth:`AugmentParams.scaled_color`)."""
+    s = COLOR_STRENGTHS[strength]
     if s == 0.0:
-        # No colour op at all: the AugSelf target and the CASSLE blocks that read one go too (an op that is
-        # off is refused there, as its target or condition would be a constant).
-        return {"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0,
-                "augself.augmentations": [x for x in params.augself.augmentations if x != "color"],
-                "cassle.conditions": [c for c in params.cassle.conditions if c not in ("color", "color_diff", "grayscale")]}
+        # No colour op at all (the records marked colour: jitter, grayscale): the AugSelf targets and the
+        # CASSLE blocks that read one go too (an op that is off is refused there, as its target or condition
+        # would be a constant).
+        colour = [a for a in augmentations.records() if a.colour]
+        blocks = {b.name for a in colour for b in a.cassle}
+        return {**{f"augment.{a.key}": 0.0 for a in colour},
+                "augself.augmentations": [x for x in params.augself.augmentations if x not in {a.name for a in colour}],
+                "cassle.conditions": [c for c in params.cassle.conditions if c not in blocks]}
     return {f"augment.{k}": v for k, v in params.augment.scaled_color(s).items()}
 
 
@@ -208,7 +210,7 @@ def plot(df, path: Path) -> None:
 
     tasks = [t for t in ("hue", "color", "class") if t in set(df["task"])]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    order = [s for s in STRENGTH_SCALE if s in set(df["strength"])]
+    order = [s for s in COLOR_STRENGTHS if s in set(df["strength"])]
     for ax, task in zip(axes[0], tasks):
         for strength in order:
             d = df[(df.task == task) & (df.strength == strength)].groupby("epoch")["top1"].agg(["mean", "min", "max"])

@@ -198,14 +198,18 @@ def _headline_table(diff: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-def _primary_test(diff: pd.DataFrame) -> list[str]:
+def _primary_test(diff: pd.DataFrame, confirmatory: bool = False) -> list[str]:
     """The design's primary test: AugSelf − baseline on `hue`, one t-test over seeds per method, Holm over
-    the methods (the ``holm_p`` of :func:`pipeline.report.paired.paired_differences`)."""
+    the methods (the ``holm_p`` of :func:`pipeline.report.paired.paired_differences`); in a confirmatory
+    study these are the pre-registered secondary tests (its primary test is pooled, :mod:`pipeline.study.confirm`)."""
     rows = headline(diff)
     t = rows[(rows["variant"] == "augself") & (rows["metric"] == PRIMARY)] if not rows.empty else rows
     if t.empty:
         return []
-    lines = ["## The primary test (docs/study.md): AugSelf λ = 1 − baseline on `hue`, one test per method", "",
+    title = ("## The secondary tests (pre-registered): AugSelf λ = 1 − baseline on `hue`, one test per method"
+             if confirmatory else
+             "## The primary test (docs/study.md): AugSelf λ = 1 − baseline on `hue`, one test per method")
+    lines = [title, "",
              "The decision is the design's test: the two-sided one-sample t-test of the per-seed paired Δ over "
              "seeds, Holm-corrected across the methods tested (“higher” / “lower”: Holm p < 0.05). The "
              f"{DESCRIPTIVE} is shown beside it and decides nothing: with 2–3 seeds it can redraw only "
@@ -301,14 +305,22 @@ def _full_table(diff: pd.DataFrame) -> list[str]:
 def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LEDGER) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lead: list[str] = []
+    if study.report == "confirmatory":             # the pre-registered primary test comes first
+        from pipeline.study.confirm import lead as confirmatory_lead
+
+        lead = confirmatory_lead(study, out_dir, ledger)
     planned = study.models()
     runs, items = read_ledger(ledger, {k.name for k in planned})      # the ledger is shared by every study
     notes: list[str] = []
     lines = [f"# Study `{study.name}`", "",
-             "Design: [docs/study.md](../../docs/study.md) (committed before any AugSelf run). "
-             "Premise curves (baseline only): [premise.png](premise.png), [premise.csv](premise.csv).", "",
+             ("Pre-registration: [docs/study.md](../../docs/study.md), “Pre-registration” (committed before any "
+              f"of this study's runs); the first study: `{study.compare_with}`."
+              if study.report == "confirmatory" else
+              "Design: [docs/study.md](../../docs/study.md) (committed before any AugSelf run). "
+              "Premise curves (baseline only): [premise.png](premise.png), [premise.csv](premise.csv)."), "",
              f"Models finished: **{len(runs)} of {len(planned)}** planned "
-             f"(`make study` trains the rest and rebuilds this page).", ""]
+             f"(`make study` trains the rest and rebuilds this page).", "", *lead]
     if runs.empty:
         lines.append("No model of the study has finished yet.")
         (out_dir / "README.md").write_text("\n".join(lines) + "\n")
@@ -329,7 +341,7 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
     if figures["forest.png"]:
         lines += ["![paired differences per task](forest.png)", ""]
     lines += _headline_table(diff)
-    lines += _primary_test(diff)
+    lines += _primary_test(diff, study.report == "confirmatory")
     if figures["strength.png"]:
         lines += ["## Colour strength: the premise and the remedy", "", "![strength](strength.png)", ""]
     if figures["lambda.png"]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))       # run as a script (scripts/setup.sh): pipeline/ is not on the path otherwise
 OUT = ROOT / ".dvc" / "plots_offline.html"
 LIBS = {"vega": "build/vega.min.js", "vega-lite": "build/vega-lite.min.js", "vega-embed": "build/vega-embed.min.js"}
 # DVC replaces these in the template; the page must hold {plot_divs} and must not hold {scripts}.
@@ -49,10 +50,9 @@ def build(modules: Path = HERE / "node_modules", out: Path = OUT) -> Path:
     page = ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n{refresh_tag}\n"
             "<title>DVC plots (offline)</title>\n" + "\n".join(scripts) +
             "\n<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    from pipeline.checkpoint import write_text      # the one atomic writer (temp file + fsync + rename)
+
+    return write_text(out, page)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""The confirmatory study's pre-registered analysis (docs/study.md, "Pre-registration"), fixed before its runs.
+
+A study file with ``report: confirmatory`` and ``compare_with: study.yaml`` (``study-confirm.yaml``) gets
+the usual study report of its own models (:mod:`pipeline.study.report`: per-method t over seeds with Holm
+across the methods, the secondary tests) with, above it:
+
+* **the primary test** (:func:`welch_blocked`): AugSelf λ = 1 − baseline on ``linear/cfmnist/hue/top1``,
+  paired per seed, pooled over the four methods with each method a fixed block: the estimate is the
+  mean of the four methods' mean Δ, its variance Σ_m s_m²/n_m / 4², the degrees of freedom
+  Welch–Satterthwaite; two-sided, α = 0.05.  With equal n it is
+  :func:`pipeline.study.power.blocked_welch_test`, the test the power analysis sized.
+* **its outcome** (:func:`outcome`), in the words fixed before the runs: *higher*, *lower*, *no gain of
+  1 point* (not rejected and the interval's upper end below the 1 point the study was powered for: the
+  first study's hypothesis refuted at that size), or *inconclusive*.  No outcome is read until every
+  planned pair of the primary test has finished: an interim table is shown, labelled so, with no
+  decision (the stopping rule is the planned n, never the data).
+* **the first and the confirmatory study side by side** (:func:`forest_both`, ``forest-both.png``): per
+  method and pooled, the first study's seeds (which generated the hypothesis) and the new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from pipeline.study.figures import METHOD_ORDER, PRIMARY, _plt
+from pipeline.study.ledger import LEDGER, read_ledger
+from pipeline.study.plan import Study, load_study
+from pipeline.study.power import ALPHA, per_seed_deltas
+
+TARGET = 1.0            # the pooled gain the study was powered for (points), docs/study.md
+PANELS = {PRIMARY: "hue, 24-way linear (primary)", "fewshot/cfmnist/hue/5way5shot": "hue, 5-way 5-shot",
+          "linear/cfmnist/class/top1": "garment, linear"}
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """The Welch–Satterthwaite method-blocked paired t over the methods' per-seed Δ."""
+    estimate: float
+    se: float
+    df: float
+    t: float
+    p: float
+    low: float
+    high: float
+    seeds: dict                 # method -> number of paired seeds
+
+
+def welch_blocked(deltas: dict[str, dict[int, float]], level: float = 0.95) -> Pooled | None:
+    """The primary test on {method: {seed: Δ}}; None while a method has fewer than 2 paired seeds."""
+    if not deltas or any(len(d) < 2 for d in deltas.values()):
+        return None
+    vals = [np.array(list(d.values()), dtype=float) for d in deltas.values()]
+    m = len(vals)
+    v = np.array([x.var(ddof=1) / len(x) for x in vals])
+    est = float(np.mean([x.mean() for x in vals]))
+    se = float(np.sqrt(v.sum()) / m)
+    df = float(v.sum() ** 2 / sum(vi ** 2 / (len(x) - 1) for vi, x in zip(v, vals))) if v.sum() > 0 else float("inf")
+    t = est / se if se > 0 else (0.0 if est == 0 else float(np.copysign(np.inf, est)))
+    q = stats.t.ppf((1 + level) / 2, df)
+    return Pooled(est, se, df, float(t), float(2 * stats.t.sf(abs(t), df)), est - q * se, est + q * se,
+                  {k: len(d) for k, d in deltas.items()})
+
+
+def outcome(res: Pooled | None, complete: bool, target: float = TARGET, alpha: float = ALPHA) -> str:
+    """The pre-registered reading of the primary test (docs/study.md): none before the study is complete."""
+    if res is None or not complete:
+        return "interim: no decision (the planned seeds have not all finished)"
+    if res.p < alpha:
+        return "higher: AugSelf raises hue accuracy" if res.estimate > 0 else "lower: AugSelf lowers hue accuracy"
+    if res.high < target:
+        return f"no gain of {target:g} point: not rejected, and the interval excludes a pooled gain of {target:g}"
+    return "inconclusive: not rejected, and the interval still holds a pooled gain of 1 point"
+
+
+def t_row(d: dict[int, float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """(mean, low, high) of one method's per-seed Δ: the t-interval over seeds (None under 2 seeds)."""
+    x = np.array(list(d.values()), dtype=float)
+    if len(x) < 2:
+        return None
+    h = stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - h), float(x.mean() + h)
+
+
+def study_deltas(study: Study, metric: str, variant: str = "augself", ledger: Path = LEDGER
+                 ) -> dict[str, dict[int, float]]:
+    """{method: {seed: Δ}} of ``variant`` − baseline on ``metric`` over the models ``study`` plans."""
+    runs, items = read_ledger(ledger, {k.name for k in study.models()})
+    return per_seed_deltas(runs, items, metric, variant=variant, methods=tuple(METHOD_ORDER))
+
+
+def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "confirmatory")) -> bool:
+    """One panel per task of :data:`PANELS`: per method (AugSelf, then SimCLR's CASSLE) and pooled, the two
+    studies' Δ with their 95 % intervals (t over seeds; pooled: :func:`welch_blocked`).  ``first`` and
+    ``confirm`` map (metric, variant) to {method: {seed: Δ}}.  Filled marker: the interval excludes 0."""
+    panels = [m for m in PANELS if any(first.get((m, "augself"))) or any(confirm.get((m, "augself")))]
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
+    rows = [("augself", m) for m in METHOD_ORDER] + [("augself", "pooled")]
+    if any(s.get((m, "cassle")) for s in (first, confirm) for m in panels):
+        rows.append(("cassle", "simclr"))
+    names = [m if v == "augself" else "SimCLR CASSLE" for v, m in rows]
+    names[len(METHOD_ORDER)] = "pooled (4 methods)"
+    for ax, metric in zip(axes[0], panels):
+        for j, (study, colour, off) in enumerate(((first, "0.55", -0.15), (confirm, "C0", 0.15))):
+            label = labels[j]
+            for i, (variant, method) in enumerate(rows):
+                per = study.get((metric, variant)) or {}
+                if method == "pooled":
+                    r = welch_blocked(per)
+                    cell = None if r is None else (r.estimate, r.low, r.high)
+                else:
+                    cell = t_row(per[method]) if method in per else None
+                if cell is None:
+                    continue
+                y = len(rows) - 1 - i + off
+                mid, lo, hi = cell
+                filled = lo > 0 or hi < 0
+                ax.plot([lo, hi], [y, y], color=colour, lw=2)
+                ax.plot([mid], [y], "s" if method == "pooled" else "o", color=colour,
+                        mfc=colour if filled else "white", label=label)
+                label = None
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(PANELS[metric], fontsize=10)
+        ax.set_xlabel("Δ vs baseline (points), 95 % interval")
+    axes[0][0].set_yticks(range(len(rows)))
+    axes[0][0].set_yticklabels(list(reversed(names)))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("AugSelf λ = 1 (and CASSLE) − baseline, strong colour\nfirst study (seeds 0–2, generated the "
+                 "hypothesis) vs confirmatory; filled marker: the interval excludes 0", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _fmt(cell) -> str:
+    return "–" if cell is None else f"{cell[0]:+.2f} [{cell[1]:+.2f}, {cell[2]:+.2f}]"
+
+
+def lead(study: Study, out_dir: Path, ledger: Path = LEDGER) -> list[str]:
+    """The confirmatory report's first sections: the primary test, its outcome, both studies side by side."""
+    first_study = load_study(study.compare_with)
+    first = {(m, v): study_deltas(first_study, m, v, ledger) for m in PANELS for v in ("augself", "cassle")}
+    new = {(m, v): study_deltas(study, m, v, ledger) for m in PANELS for v in ("augself", "cassle")}
+    planned = {k.seed for k in study.models() if k.variant == "augself"}
+    primary = new[(PRIMARY, "augself")]
+    complete = (set(primary) == set(METHOD_ORDER)
+                and all(set(primary[m]) >= planned for m in METHOD_ORDER))
+    res = welch_blocked(primary)
+    lines = ["## The pre-registered primary test ([docs/study.md](../../docs/study.md), “Pre-registration”)", "",
+             "AugSelf λ = 1 − baseline on `hue` 24-way linear top-1, paired per seed on the same 5 000 test images, "
+             "pooled over the four methods (each a fixed block; Welch–Satterthwaite degrees of freedom), "
+             f"two-sided, α = {ALPHA:g}; seeds {', '.join(map(str, sorted(planned)))} (the first study's seeds "
+             "generated the hypothesis and are not in it).", ""]
+    if res is None:
+        lines += ["Not computable yet: a method has fewer than 2 paired seeds.", ""]
+    else:
+        lines += ["| pooled Δ | 95 % interval | t | df | p | seeds per method | outcome |",
+                  "|---:|---|---:|---:|---:|---|---|",
+                  f"| {res.estimate:+.2f} | [{res.low:+.2f}, {res.high:+.2f}] | {res.t:.2f} | {res.df:.1f} | "
+                  f"{res.p:.4f} | " + ", ".join(f"{m} {n}" for m, n in res.seeds.items()) + " | "
+                  f"**{outcome(res, complete)}** |", ""]
+    drawn = forest_both(first, new, out_dir / "forest-both.png")
+    if not drawn and (out_dir / "forest-both.png").exists():
+        (out_dir / "forest-both.png").unlink()
+    lines += ["## The first study and the confirmatory one, side by side", "",
+              "Per method: mean of the per-seed paired Δ and its t-interval over seeds; pooled: the primary test "
+              "above (for the first study computed after the fact on seeds 0–2, which generated the hypothesis; "
+              "not a test). The per-method decisions (t over seeds, Holm across the four methods) are the "
+              "secondary tests, in the tables below.", ""]
+    if drawn:
+        lines += ["![first and confirmatory study](forest-both.png)", ""]
+    lines += ["| task | method | first study (seeds 0–2) | confirmatory |", "|---|---|---|---|"]
+    for metric, label in PANELS.items():
+        for variant in ("augself", "cassle"):
+            f, c = first[(metric, variant)], new[(metric, variant)]
+            for method in METHOD_ORDER + (["pooled"] if variant == "augself" else []):
+                if method == "pooled":
+                    fr, cr = welch_blocked(f), welch_blocked(c)
+                    cells = [None if r is None else (r.estimate, r.low, r.high) for r in (fr, cr)]
+                else:
+                    cells = [t_row(s[method]) if method in s else None for s in (f, c)]
+                if cells == [None, None]:
+                    continue
+                name = f"{method} (CASSLE)" if variant == "cassle" else method
+                lines.append(f"| {label} | {name} | {_fmt(cells[0])} | {_fmt(cells[1])} |")
+    return lines + [""]

@@ -1,0 +1,132 @@
+"""The confirmatory study's pre-registered analysis (pipeline/study/confirm.py, docs/study.md "Pre-registration")."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pipeline.study import confirm
+from pipeline.study.plan import ModelKey, load_study
+from pipeline.study.power import blocked_welch_test
+from pipeline.study.report import build
+
+HUE = "linear/cfmnist/hue/top1"
+GARMENT = "linear/cfmnist/class/top1"
+METHODS = ["simclr", "simsiam", "moco", "byol"]
+
+
+def test_one_method_is_the_one_sample_t_test():
+    d = {"simclr": {3: 1.2, 4: -0.4, 5: 2.5, 6: 0.9}}
+    r = confirm.welch_blocked(d)
+    ref = stats.ttest_1samp(list(d["simclr"].values()), 0.0)
+    assert (r.estimate, r.df, r.p) == pytest.approx((np.mean(list(d["simclr"].values())), 3, ref.pvalue))
+    lo, hi = stats.t.interval(0.95, 3, loc=r.estimate, scale=stats.sem(list(d["simclr"].values())))
+    assert (r.low, r.high) == pytest.approx((lo, hi))
+
+
+def test_equal_seeds_give_the_test_the_power_analysis_sized():
+    """With n seeds in every method the primary test rejects exactly where power.blocked_welch_test does
+    (the test whose n the pre-registration took from the power script)."""
+    rng = np.random.default_rng(0)
+    draws = 0.6 + np.array([2.9, 1.0, 0.5, 1.0])[None, :, None] * rng.standard_normal((400, 4, 7))
+    want = blocked_welch_test(draws)
+    got = [confirm.welch_blocked({m: dict(enumerate(x[i])) for i, m in enumerate(METHODS)}).p < 0.05 for x in draws]
+    assert 0 < want.sum() < len(want)                  # both outcomes occur, so the comparison means something
+    assert np.array_equal(np.array(got), want)
+
+
+def test_unequal_seeds_weigh_each_method_equally_with_its_own_variance():
+    d = {"a": {0: 1.0, 1: 3.0}, "b": {0: 0.0, 1: 1.0, 2: 2.0, 3: 1.0}}
+    r = confirm.welch_blocked(d)
+    va, vb = np.var([1, 3], ddof=1) / 2, np.var([0, 1, 2, 1], ddof=1) / 4
+    assert r.estimate == pytest.approx((2.0 + 1.0) / 2)
+    assert r.se == pytest.approx(np.sqrt(va + vb) / 2)
+    assert r.df == pytest.approx((va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 3))
+    assert confirm.welch_blocked({"a": {0: 1.0}, "b": d["b"]}) is None
+
+
+@pytest.mark.parametrize("est, lo, hi, p, complete, want", [
+    (1.5, 0.4, 2.6, 0.01, True, "higher"),
+    (-1.5, -2.6, -0.4, 0.01, True, "lower"),
+    (0.2, -0.5, 0.9, 0.5, True, "no gain of 1 point"),
+    (0.5, -0.3, 1.3, 0.2, True, "inconclusive"),
+    (1.5, 0.4, 2.6, 0.001, False, "interim: no decision"),
+])
+def test_the_outcome_is_read_as_pre_registered_and_not_before_the_study_is_complete(est, lo, hi, p, complete, want):
+    r = confirm.Pooled(est, 0.5, 20.0, est / 0.5, p, lo, hi, {})
+    assert confirm.outcome(r, complete).startswith(want)
+
+
+def _record(ledger, key, items):
+    ledger.mkdir(parents=True, exist_ok=True)
+    rec = {"key": {"method": key.method, "variant": key.variant, "lambda": key.lam, "strength": key.strength,
+                   "seed": key.seed}, "run_id": key.name, "group": "g", "commit": "c",
+           "metrics": {m: float(v.mean()) for m, v in items.items()}}
+    (ledger / f"{key.name}.json").write_text(json.dumps(rec))
+    np.savez_compressed(ledger / f"{key.name}.npz", **items)
+
+
+def _studies(tmp_path):
+    first = tmp_path / "study.yaml"
+    first.write_text("name: first\nseeds: [0, 1, 2]\nblocks:\n"
+                     "  - {name: core, methods: [simclr, simsiam, moco, byol], variants: [baseline, augself], "
+                     "lambda: [1.0], color_strength: [strong]}\n")
+    conf = tmp_path / "study-confirm.yaml"
+    conf.write_text(f"name: confirm\nseeds: [3, 4, 5]\nreport: confirmatory\ncompare_with: {first}\n"
+                    f"report_dir: {tmp_path / 'out'}\nblocks:\n"
+                    "  - {name: core, methods: [simclr, simsiam, moco, byol], variants: [baseline, augself], "
+                    "lambda: [1.0], color_strength: [strong]}\n"
+                    "  - {name: cassle, methods: [simclr], variants: [baseline, cassle], lambda: [1.0], "
+                    "color_strength: [strong]}\n")
+    return load_study(first), load_study(conf)
+
+
+def test_the_confirmatory_report_tests_only_its_own_seeds_and_shows_both_studies(tmp_path):
+    """The first study's seeds (a +3 gain here) never enter the primary test; the confirmatory seeds (no gain)
+    decide it, and only once all are in; both studies' rows are in the side-by-side table and figure."""
+    first, conf = _studies(tmp_path)
+    ledger = tmp_path / "runs"
+    rng = np.random.default_rng(1)
+    base = {m: {s: (rng.random(2000) < 0.6).astype(np.float32) * 100 for s in range(6)} for m in METHODS}
+    for m in METHODS:
+        for s in range(6):
+            aug = base[m][s].copy()              # first study: 50-80 wrong answers made right (+2.5 to +4 points);
+            up, down = (rng.integers(50, 80), 0) if s < 3 else rng.integers(0, 20, 2)  # later: ±20, no gain
+            aug[rng.choice(np.flatnonzero(aug == 0), up, replace=False)] = 100.0
+            aug[rng.choice(np.flatnonzero(base[m][s] == 100), down, replace=False)] = 0.0
+            _record(ledger, ModelKey(m, "baseline", 0.0, "strong", s), {HUE: base[m][s], GARMENT: base[m][s]})
+            if (m, s) != ("byol", 5):
+                _record(ledger, ModelKey(m, "augself", 1.0, "strong", s), {HUE: aug, GARMENT: base[m][s]})
+    build(conf, tmp_path / "out", ledger)
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "interim: no decision" in text                      # BYOL seed 5 is missing
+    assert (tmp_path / "out" / "forest-both.png").exists()
+    _record(ledger, ModelKey("byol", "augself", 1.0, "strong", 5), {HUE: base["byol"][5], GARMENT: base["byol"][5]})
+    build(conf, tmp_path / "out", ledger)
+    text = (tmp_path / "out" / "README.md").read_text()
+    new = confirm.study_deltas(conf, HUE, ledger=ledger)
+    assert {m: sorted(d) for m, d in new.items()} == {m: [3, 4, 5] for m in METHODS}
+    old = confirm.study_deltas(first, HUE, ledger=ledger)
+    assert {m: sorted(d) for m, d in old.items()} == {m: [0, 1, 2] for m in METHODS}
+    assert min(min(d.values()) for d in old.values()) > 2.0
+    res = confirm.welch_blocked(new)
+    assert res.estimate < 0.5 and res.p > 0.05
+    row = next(line for line in text.splitlines() if line.startswith(f"| {res.estimate:+.2f} |"))
+    assert confirm.outcome(res, True) in row and "interim" not in row
+    assert "| hue, 24-way linear (primary) | pooled |" in text
+    assert text.index("pre-registered primary test") < text.index("## The secondary tests (pre-registered)")
+    assert "## The primary test (docs/study.md)" not in text
+
+
+def test_a_confirmatory_study_names_the_study_it_confirms(tmp_path):
+    from pipeline.config import ConfigError
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: c\nseeds: [3]\nreport: confirmatory\nblocks:\n"
+                 "  - {name: core, methods: [simclr], variants: [baseline], lambda: [1.0], color_strength: [strong]}\n")
+    with pytest.raises(ConfigError, match="compare_with"):
+        load_study(p)
+    p.write_text(p.read_text().replace("report: confirmatory\n", "report: confirmatory\ncompare_with: nope.yaml\n"))
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_study(p)
