@@ -101,7 +101,7 @@ PROFILED = {
     "augmentation_probe": ("pipeline/evaluate/probe.py", "augmentation_probe"),
     "write_items": ("pipeline/workflow.py", "_write_items"),
     "check_fewshot_feasible": ("pipeline/workflow.py", "check_fewshot_feasible"),
-    "collect_results": ("pipeline/tracking.py", "collect_results"),
+    "collect_results": ("pipeline/results.py", "collect_results"),
     "build_report": ("pipeline/report/__init__.py", "build_report"),
 }
 

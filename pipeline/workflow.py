@@ -23,8 +23,8 @@ from pipeline.config import ConfigError, check_choice, flatten, to_dict
 from pipeline.evaluate import ITEM_FILES
 from pipeline.params import Params
 from pipeline.request import RunRequest
-from pipeline.tracking import (RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results, display_uri,
-                               read_run_id, tracking_uri)
+from pipeline.results import collect_items, collect_results
+from pipeline.tracking import RUN_ID_FILE, RUN_INFO_FILE, Tracker, display_uri, read_run_id, tracking_uri
 
 
 def default_device() -> str:

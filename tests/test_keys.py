@@ -197,11 +197,11 @@ def test_artifacts_are_every_model_the_matrix_can_train():
                                           + yaml.safe_dump({"artifacts": expected}, sort_keys=False, allow_unicode=True))
 
 
-def test_per_item_files_are_one_name_for_the_stages_tracking_and_dvc():
-    from pipeline import tracking, workflow
+def test_per_item_files_are_one_name_for_the_stages_the_results_reader_and_dvc():
+    from pipeline import results, workflow
     from pipeline.evaluate import ITEM_FILES
 
-    assert tracking.ITEM_FILES is ITEM_FILES
+    assert results.ITEM_FILES is ITEM_FILES
     assert (workflow.LINEAR_ITEMS, workflow.FEWSHOT_ITEMS) == (ITEM_FILES["linear"], ITEM_FILES["fewshot"])
     for task, name in ITEM_FILES.items():
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][task].get("outs", [])]

@@ -346,7 +346,8 @@ def test_report_numbers_equal_the_mlflow_runs_and_files_they_were_built_from(tmp
     from scipy import stats
 
     from pipeline.params import Params
-    from pipeline.tracking import RUN_ID_FILE, RUN_INFO_FILE, Tracker, collect_items, collect_results
+    from pipeline.results import collect_items, collect_results
+    from pipeline.tracking import RUN_ID_FILE, RUN_INFO_FILE, Tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)

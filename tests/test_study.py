@@ -164,7 +164,7 @@ def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkey
     committed ledger without its probe, and the ledger is never rewritten."""
     import pandas as pd
 
-    import pipeline.tracking as tracking
+    import pipeline.results as results
 
     s = load_study("study.yaml")
     key = ModelKey("moco", "baseline", 0.0, "strong", 0)
@@ -175,9 +175,9 @@ def test_a_model_is_exported_only_once_its_probe_has_logged_too(tmp_path, monkey
     row = {"run_id": "r1", "method": "moco", "variant": "baseline", "lambda": 0.0, "seed": 0,
            **{c: 50.0 for c in need if c not in probes}}
     store = {"runs": pd.DataFrame([row])}
-    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (store["runs"], {}))
+    monkeypatch.setattr(results, "runs_from_mlflow", lambda params: (store["runs"], {}))
     scores = {c: np.zeros(3) for c in need if c.startswith(("linear/", "fewshot/"))}
-    monkeypatch.setattr(tracking, "collect_items", lambda params, runs: {"r1": scores})
+    monkeypatch.setattr(results, "collect_items", lambda params, runs: {"r1": scores})
     monkeypatch.setattr(ledger_mod, "items_from_experiment_refs", lambda key, group: {})
     ledger = tmp_path / "runs"
     assert ledger_mod.export_finished(s, [key], ledger) == []            # linear and few-shot only: waits
@@ -318,17 +318,17 @@ def test_the_study_runner_tops_the_queue_back_up_to_its_workers(monkeypatch):
     """A DVC queue worker can exit while tasks still wait (seen in session 5: one of two workers left
     after a re-queue); `dvc queue start -j N` brings the pool back to N, and nothing is started when
     nothing waits or the pool is full."""
-    import stages.study as runner
+    import pipeline.study.queue as queue
 
     calls = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(queue.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     state = {"status": ({"a": "Running", "b": "Queued"}, 1)}
-    monkeypatch.setattr(runner, "_queue_status", lambda: state["status"])
-    runner._keep_workers(2)
+    monkeypatch.setattr(queue, "queue_status", lambda: state["status"])
+    queue.keep_workers(2)
     assert calls == [["dvc", "queue", "start", "-j", "2"]]
     for status in (({"a": "Running", "b": "Queued"}, 2), ({"a": "Running"}, 1)):
         state["status"] = status
-        runner._keep_workers(2)
+        queue.keep_workers(2)
     assert len(calls) == 1
 
 
@@ -336,29 +336,29 @@ def test_the_study_runner_clears_running_tasks_that_no_worker_runs(monkeypatch):
     """After the machine stopped, `dvc queue status` still listed two tasks as Running with 0 workers; the
     rerun skipped them as running and would have waited on them. They are killed (cleared) only when no
     worker is alive: with a live worker a Running task is real and is left alone."""
-    import stages.study as runner
+    import pipeline.study.queue as queue
 
     calls = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(queue.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     state = {"status": ({"a": "Running", "b": "Queued", "c": "Running"}, 1)}
-    monkeypatch.setattr(runner, "_queue_status", lambda: state["status"])
-    runner._clear_stale_tasks()
+    monkeypatch.setattr(queue, "queue_status", lambda: state["status"])
+    queue.clear_stale_tasks()
     assert calls == []
     state["status"] = ({"a": "Running", "b": "Queued", "c": "Running"}, 0)
-    runner._clear_stale_tasks()
+    queue.clear_stale_tasks()
     assert calls == [["dvc", "queue", "kill", "-f", "a", "c"]]
 
 
 def test_the_cost_section_reads_the_benchmark_of_the_study_configuration(tmp_path):
-    from pipeline.study.report import _bench_cost
+    from pipeline.study.report import bench_cost
 
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"device_name": "cpu", "threads": 2, "clock": "wall", "methods": [
         {"method": "moco", "images_per_s_lambda0": 500.0, "images_per_s_lambda1": 480.0,
          "augself_overhead_pct": 4.2, "augself_overhead_pct_iqr": [1.0, 7.5]}]}))
-    lines = _bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
+    lines = bench_cost({"augself": path, "cassle": tmp_path / "missing.json"})
     assert "| moco | augself | 500 | 480 | +4.2 % [+1.0, +7.5] | cpu, 2 threads, wall clock |" in lines
-    assert _bench_cost({"augself": tmp_path / "missing.json"}) == []
+    assert bench_cost({"augself": tmp_path / "missing.json"}) == []
 
 
 def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_from_the_ledger(tmp_path, monkeypatch):
@@ -368,7 +368,7 @@ def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_fro
     import pandas as pd
 
     import pipeline.workflow as wf
-    from pipeline.study.report import _cost_table, cost_per_variant
+    from pipeline.study.report import cost_table, cost_per_variant
 
     logged = []
 
@@ -404,12 +404,12 @@ def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_fro
     assert table.loc["baseline", "pretrain/images_per_s/mean"] == pytest.approx(250.0)
     assert table.loc["baseline", "time/linear_s/mean"] == pytest.approx(30.0)
     assert table.loc["baseline", "time/linear_s/n"] == 1 and table.loc["augself", "time/linear_s/n"] == 0
-    text = "\n".join(_cost_table(runs))
+    text = "\n".join(cost_table(runs))
     assert "| strong | moco | baseline | 0 | 2 | 250 [200–300] | 42 [33–50] | 3 [3–3] | 4 | 30 | 12 | 6 |" in text
     assert "| strong | moco | augself | 1 | 1 | 150 | 67 | 3 | not recorded | not recorded | not recorded | not recorded |" in text
     assert "no model in this ledger recorded them" not in text
     old = runs.drop(columns=[c for c in runs if c.startswith("time/")])
-    assert "no model in this ledger recorded them" in "\n".join(_cost_table(old))
+    assert "no model in this ledger recorded them" in "\n".join(cost_table(old))
 
 
 def test_machine_shards_split_the_plan_into_whole_experiments_that_do_not_move_as_models_finish():
@@ -516,7 +516,7 @@ def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
     `none` model is exported without a colour probe (its ω is constant: the probe logs NaN)."""
     import pandas as pd
 
-    import pipeline.tracking as tracking
+    import pipeline.results as results
 
     s = study(tmp_path, PREMISE)
     key = ModelKey("moco", "baseline", 0.0, "strong", 0, 20)
@@ -525,8 +525,8 @@ def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
            "pretrain/steps": 780.0, "pretrain/epochs": 20.0, **{c: 50.0 for c in need}}
     curve = pd.DataFrame({"step": [5, 39, 78, 780], "pretrain/loss_total": [1.0, 0.9, 0.8, 0.5],
                           "monitor/class/knn_top1": [np.nan, 30.0, 35.0, 60.0]})
-    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (pd.DataFrame([row]), {"r1": curve}))
-    monkeypatch.setattr(tracking, "collect_items",
+    monkeypatch.setattr(results, "runs_from_mlflow", lambda params: (pd.DataFrame([row]), {"r1": curve}))
+    monkeypatch.setattr(results, "collect_items",
                         lambda params, runs: {"r1": {c: np.zeros(3) for c in need if c.startswith(("linear/", "fewshot/"))}})
     ledger = tmp_path / "runs"
     assert ledger_mod.export_finished(s, [key], ledger) == ["moco-baseline-strong-ep20-seed0"]
@@ -538,7 +538,7 @@ def test_export_records_the_schedule_and_the_knn_curve(tmp_path, monkeypatch):
     none = ModelKey("moco", "baseline", 0.0, "none", 0)
     need_none = ledger_mod.expected_metrics(ledger_mod.params_of(none, s))
     row_none = {**row, **{c: 50.0 for c in need_none}, "probe/color/r2": np.nan}
-    monkeypatch.setattr(tracking, "_runs_from_mlflow", lambda params: (pd.DataFrame([row_none]), {}))
+    monkeypatch.setattr(results, "runs_from_mlflow", lambda params: (pd.DataFrame([row_none]), {}))
     assert ledger_mod.export_finished(s, [none], ledger) == ["moco-baseline-none-seed0"]
 
 
@@ -634,11 +634,13 @@ def test_the_study_runner_calls_the_dvc_and_python_of_its_own_interpreter(monkey
     import sys
     from pathlib import Path
 
-    import stages.study as runner
+    import stages.study
+    from pipeline.study.queue import put_this_interpreter_first_on_path
 
+    assert stages.study.put_this_interpreter_first_on_path is put_this_interpreter_first_on_path   # what its main calls first
     monkeypatch.setenv("PATH", str(tmp_path))          # nothing on it: no dvc, no python
-    runner.put_this_interpreter_first_on_path()
-    runner.put_this_interpreter_first_on_path()
+    put_this_interpreter_first_on_path()
+    put_this_interpreter_first_on_path()
     bindir = str(Path(sys.executable).parent)
     assert os.environ["PATH"].split(os.pathsep) == [bindir, str(tmp_path)]
     assert shutil.which("dvc") == os.path.join(bindir, "dvc")

@@ -1,6 +1,6 @@
 """The comparison report: tables and plots across methods, λ and seeds.
 
-:func:`build_report` turns plain pandas data (``pipeline.tracking`` reads it from MLflow or from the
+:func:`build_report` turns plain pandas data (``pipeline.results`` reads it from MLflow or from the
 metric files) into ``reports/``:
 
 * ``results.csv``: one row per method × variant × λ; per metric ``<metric>/mean``, ``/std``, ``/n``
@@ -36,7 +36,7 @@ from pipeline.report.paired import paired_differences, paired_table
 from pipeline.report.tables import (Difference, Table, aggregate, build_tables, differences, lambda_curves,
                                     to_markdown)
 
-__all__ = ["build_report", "aggregate", "differences", "curve_key", "Difference", "Table"]
+__all__ = ["build_report", "present_specs", "aggregate", "differences", "curve_key", "Difference", "Table"]
 
 TITLE = "AugSelf vs baseline: comparison report"
 FIGURE_PREFIX = "fig_"
@@ -61,7 +61,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     is its provenance).  The default λ
     of the Δ rows is ``params['augself.lambda']``.  Previous ``fig_*`` files in ``out_dir`` are removed
     first, so a figure that can no longer be drawn does not linger.  ``items``: per run id, per-item
-    scores by metric column (``pipeline.tracking.collect_items``); with them the report adds the
+    scores by metric column (``pipeline.results.collect_items``); with them the report adds the
     paired differences (``differences.csv``, a table and a forest plot, :mod:`pipeline.report.paired`).
     """
     if not isinstance(context, Mapping):
@@ -75,7 +75,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     extra = context.get("notes") or []
     notes = ([extra] if isinstance(extra, str) else list(extra)) + notes
 
-    specs = _present_specs(runs, notes)
+    specs = present_specs(runs, notes)
     default_lambda = _default_lambda(params, notes)
     ref_lambda = _reference_lambda(runs, default_lambda, notes)
     summary = aggregate(runs, specs)
@@ -120,7 +120,7 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     return [results, curves_vs_lambda, differences_csv, readme, page] + [p for f in figures for p in f.paths]
 
 
-def _present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:
+def present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:
     """Metric specs with at least one value; note empty metrics and missing downstream families."""
     specs = []
     for spec in metric_specs(runs):

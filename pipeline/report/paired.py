@@ -1,7 +1,7 @@
 """Paired differences: each non-baseline variant against the baseline of the same method and seed.
 
 Input: the validated runs table and, per run id, per-item scores in % keyed by metric column
-(``pipeline.tracking.collect_items``: per test image correctness of the linear probe, per episode
+(``pipeline.results.collect_items``: per test image correctness of the linear probe, per episode
 few-shot accuracy).  For every method, variant ≠ baseline, λ and metric with per-item scores on both
 sides, the seeds present on both sides are paired and :func:`pipeline.stats.across_seeds` gives the
 per-seed Δ with its paired-bootstrap 95 % interval (evaluation noise over the same test images /

@@ -1,6 +1,6 @@
 """What the report reads: the runs table, its metric columns and the loss curves.
 
-The report takes plain pandas data (``pipeline.tracking`` produces it from MLflow or from the metric
+The report takes plain pandas data (``pipeline.results`` produces it from MLflow or from the metric
 files), never MLflow itself.  This module checks that data, names every metric column it understands
 and says how to label, format and compare it, so that tables and plots agree on every number.
 
@@ -140,11 +140,11 @@ def validate_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         raise ValueError(f"runs: expected a pandas DataFrame, got {type(runs).__name__}")
     missing = [c for c in REQUIRED_COLUMNS if c not in runs.columns]
     if missing:
-        raise ValueError(f"runs: missing column(s) {', '.join(missing)}; pipeline.tracking must provide "
+        raise ValueError(f"runs: missing column(s) {', '.join(missing)}; pipeline.results must provide "
                          f"{', '.join(REQUIRED_COLUMNS)} for every run")
     if runs.empty:
         raise ValueError("runs: no runs to report; run the pipeline first (dvc repro) or check the "
-                         "MLflow experiment / metrics directory that tracking reads")
+                         "MLflow experiment / metrics directory that pipeline.results reads")
     notes: list[str] = []
     df = runs.copy().reset_index(drop=True)
     for col in OPTIONAL_COLUMNS:
@@ -168,7 +168,7 @@ def validate_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     wrong = df[(df["variant"] == "baseline") & (df["lambda"] != 0)]
     if not wrong.empty:
         raise ValueError(f"runs: baseline run(s) {wrong['run_id'].tolist()} have λ = "
-                         f"{sorted(set(wrong['lambda']))}; a baseline is trained with λ = 0, so tracking "
+                         f"{sorted(set(wrong['lambda']))}; a baseline is trained with λ = 0, so pipeline.results "
                          f"must report lambda 0 for variant 'baseline'")
     groups = sorted(set(df["group"].astype(str)) - {"", "nan", "None"})
     if len(groups) > 1:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from pipeline.study.figures import METHOD_ORDER, PRIMARY, _plt
+from pipeline.study.figures import METHOD_ORDER, PRIMARY, pyplot
 from pipeline.study.ledger import LEDGER, read_ledger
 from pipeline.study.plan import Study, load_study
 from pipeline.study.power import ALPHA, per_seed_deltas
@@ -99,7 +99,7 @@ def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "
     panels = [m for m in PANELS if any(first.get((m, "augself"))) or any(confirm.get((m, "augself")))]
     if not panels:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
     rows = [("augself", m) for m in METHOD_ORDER] + [("augself", "pooled")]
     if any(s.get((m, "cassle")) for s in (first, confirm) for m in panels):

@@ -39,7 +39,8 @@ def headline(diff: pd.DataFrame, lam: float = 1.0, strength: str = "strong") -> 
                     ).sort_values(["_v", "_m"]).drop(columns=["_m", "_v"])
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display): what every study figure draws with."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,7 +64,7 @@ def forest_by_task(diff: pd.DataFrame, path: Path) -> bool:
     rows = headline(diff)
     if rows.empty:
         return False
-    plt = _plt()
+    plt = pyplot()
     models = list(dict.fromkeys(zip(rows["method"], rows["variant"])))
     tasks = [t for t in TASKS if t in set(rows["metric"])]
     fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks) + 1.6, 0.42 * len(models) + 1.6),
@@ -94,7 +95,7 @@ def lambda_figure(diff: pd.DataFrame, path: Path, method: str = "simclr", streng
              & diff["metric"].isin(list(TASKS))] if not diff.empty else diff
     if d.empty or d["lambda"].nunique() < 2:
         return False
-    plt = _plt()
+    plt = pyplot()
     tasks = [t for t in TASKS if t in set(d["metric"])]
     lams = sorted(d["lambda"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(2.7 * len(tasks), 3.0), sharey=False, squeeze=False)
@@ -128,7 +129,7 @@ def strength_figure(runs: pd.DataFrame, diff: pd.DataFrame, path: Path, method: 
         return False
     d = diff[(diff["method"] == method) & (diff["variant"] == "augself") & (diff["lambda"] == lam)] \
         if not diff.empty else diff
-    plt = _plt()
+    plt = pyplot()
     tasks = [PRIMARY, "linear/cfmnist/class/top1"]
     fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(4.0 * (1 + len(tasks)), 3.3), squeeze=False)
     ax = axes[0][0]

@@ -5,7 +5,7 @@
 (models exported since issue 24) ``monitor``: the kNN monitor's curve, one row per monitor point (step,
 completed epochs, ``monitor/<task>/…``), from the run's MLflow metric history; ``<model>.npz`` the per-item scores the paired
 statistics need (per test image correctness of the linear probe, per episode few-shot accuracy, in
-%, keyed by metric column, as :func:`pipeline.tracking.collect_items` returns them).  The ledger is
+%, keyed by metric column, as :func:`pipeline.results.collect_items` returns them).  The ledger is
 filled from the MLflow store (where every queued DVC experiment logs) by :func:`export_finished`,
 and read back by the study's report; a model is *finished* when its run carries every linear and
 few-shot metric of the configuration.  Because the files are committed, a study interrupted on one
@@ -62,7 +62,7 @@ def items_from_experiment_refs(key: ModelKey, group: str, repo: Path = Path(".")
     import io
     import subprocess
 
-    from pipeline.tracking import ITEM_FILES, RUN_INFO_FILE, _item_scores
+    from pipeline.results import ITEM_FILES, RUN_INFO_FILE, item_scores
 
     def show(ref: str, path: str) -> bytes | None:
         r = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=repo, capture_output=True)
@@ -81,7 +81,7 @@ def items_from_experiment_refs(key: ModelKey, group: str, repo: Path = Path(".")
             data = show(ref, f"metrics/{model}/{name}")
             if data is not None:
                 with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                    scores.update(_item_scores(family, arrays))
+                    scores.update(item_scores(family, arrays))
         if scores:
             return scores
     return {}
@@ -95,7 +95,7 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
                     params_path: str | Path = "params.yaml") -> list[str]:
     """Copy every finished model of ``keys`` that the ledger lacks from MLflow into the ledger."""
     from pipeline.checkpoint import write_npz, write_text
-    from pipeline.tracking import _runs_from_mlflow, collect_items
+    from pipeline.results import collect_items, runs_from_mlflow
 
     ledger = Path(ledger)
     have, written = done(ledger), []
@@ -108,7 +108,7 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
     for group, (p, group_keys) in by_group.items():
         p.ssl.methods = sorted({k.method for k in group_keys})
         try:
-            runs, curves = _runs_from_mlflow(p)
+            runs, curves = runs_from_mlflow(p)
         except Exception as e:  # noqa: BLE001 - the store is optional: report and keep the ledger as is
             print(f"[study] MLflow not readable ({type(e).__name__}: {e}); nothing exported")
             return written
@@ -146,9 +146,9 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
 
 
 def monitor_curve(curve: pd.DataFrame | None, metrics: dict) -> list[dict]:
-    """The kNN monitor rows of a run's metric history (``_runs_from_mlflow``'s curve: one row per logged
-    step): each step that has a ``monitor/*`` value, with its completed epochs (step / steps per epoch,
-    from the run's ``pretrain/steps`` and ``pretrain/epochs``)."""
+    """The kNN monitor rows of a run's metric history (:func:`pipeline.results.runs_from_mlflow`'s curve:
+    one row per logged step): each step that has a ``monitor/*`` value, with its completed epochs (step /
+    steps per epoch, from the run's ``pretrain/steps`` and ``pretrain/epochs``)."""
     if curve is None or curve.empty:
         return []
     cols = [c for c in curve.columns if c.startswith("monitor/")]

@@ -31,12 +31,12 @@ def _fmt_interval(r) -> str:
 
 
 def differences(runs: pd.DataFrame, items: dict, notes: list[str]) -> pd.DataFrame:
-    from pipeline.report import _present_specs
+    from pipeline.report import present_specs
     from pipeline.report.paired import paired_differences
 
     frames = []
     for strength, sub in runs.groupby("strength"):
-        specs = _present_specs(sub, [])
+        specs = present_specs(sub, [])
         d = paired_differences(sub, items, specs, notes)
         if not d.empty:
             d.insert(0, "strength", strength)
@@ -78,7 +78,7 @@ BENCH = {"augself": Path("bench/results/pretrain-cpu-study.json"),
          "cassle": Path("bench/results/pretrain-cpu-study-cassle.json")}
 
 
-def _bench_cost(paths: dict[str, Path] = BENCH) -> list[str]:
+def bench_cost(paths: dict[str, Path] = BENCH) -> list[str]:
     """The step-time cost of each variant from `bench/bench_pretrain.py` on the study's configuration:
     baseline and variant timed in one process, interleaved rounds, median and IQR (the real measure)."""
     rows = []
@@ -136,7 +136,7 @@ def cost_per_variant(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cost_table(runs: pd.DataFrame) -> list[str]:
+def cost_table(runs: pd.DataFrame) -> list[str]:
     """The cost of one model of each variant, from the ledger: pretraining images/s and seconds, and each
     evaluation step's seconds (recorded from the commit that added ``time/<step>_s``; the first study's
     models predate it), then the benchmark's step-time overhead of each variant."""
@@ -169,7 +169,7 @@ def _cost_table(runs: pd.DataFrame) -> list[str]:
     total = runs[WALL].dropna() if WALL in runs else pd.Series(dtype=float)
     lines += ["", f"Pretraining over the {len(total)} models that recorded it: {total.sum() / 3600:.2f} worker-hours, "
               f"{total.mean():.0f} s per model on average (`cost.csv` holds this table's numbers).", ""]
-    return lines + _bench_cost()
+    return lines + bench_cost()
 
 
 def _headline_table(diff: pd.DataFrame) -> list[str]:
@@ -348,7 +348,7 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
         lines += ["## λ", "", "![lambda](lambda.png)", ""]
     lines += _probe_table(runs)
     lines += _means_table(runs)
-    lines += _cost_table(runs)
+    lines += cost_table(runs)
     if not diff.empty:
         lines += _full_table(diff)
     if missing:

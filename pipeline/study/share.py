@@ -79,7 +79,7 @@ def models_in_experiments(study: Study, keys: list[ModelKey], repo: Path | str =
     clone (``refs/exps/``: run here or pulled) holds, recognised by its ``models/<m>-<v>/run.json``
     (method, variant, λ, seed and config group, which covers the colour strength)."""
     from pipeline.study.ledger import params_of
-    from pipeline.tracking import RUN_INFO_FILE
+    from pipeline.results import RUN_INFO_FILE
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout

@@ -1,0 +1,71 @@
+"""The DVC queue the study runner drives: ``dvc queue status / start / kill / remove`` and ``dvc exp run
+--queue``.  DVC's workers run the queued experiments; this module only reads the queue's state and tops it
+up (no scheduler, no state of its own).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.study.plan import Experiment, dvc_queue_command, parse_queue_status
+
+
+def put_this_interpreter_first_on_path() -> None:
+    """`.venv/bin/python -m stages.study run` works without an activated environment: the `dvc` it calls, and
+    the `python` of every queued stage (dvc.yaml's cmd), are this interpreter's, not whatever PATH holds."""
+    here = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != here:
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
+
+
+def queue_status() -> tuple[dict[str, str], int]:
+    """({task name: Queued / Running} of the tasks not finished, active workers) of `dvc queue status`."""
+    return parse_queue_status(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout)
+
+
+def queue_busy() -> bool:
+    """Whether a task still waits or runs."""
+    return bool(queue_status()[0])
+
+
+def keep_workers(jobs: int) -> None:
+    """Bring the queue back to ``jobs`` workers while tasks wait (a worker can exit, e.g. when it saw an
+    empty queue during a re-queue; `dvc queue start -j N` tops the pool up to N)."""
+    tasks, workers = queue_status()
+    if workers < jobs and "Queued" in tasks.values():
+        subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def clear_stale_tasks() -> None:
+    """Forget tasks that `dvc queue status` still calls Running while no worker is alive: they were left
+    by a machine or worker that stopped (seen at the start of session 6), and a rerun would otherwise skip
+    them as running and wait on them for ever. `dvc queue kill -f` clears such an entry."""
+    tasks, workers = queue_status()
+    stale = [name for name, state in tasks.items() if state == "Running"]
+    if stale and workers == 0:
+        print(f"[study] no queue worker is alive; clearing stale running task(s): {', '.join(stale)}", flush=True)
+        subprocess.run(["dvc", "queue", "kill", "-f", *stale], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def queue_experiments(experiments: list[Experiment], overrides: dict, jobs: int) -> None:
+    """Queue ``experiments`` (each pinned to one CPU thread when ``jobs`` > 1) and start ``jobs`` workers.
+
+    What waits is re-queued, so it runs the current workspace; what a worker already runs (a `make study`
+    whose own process was killed while its workers went on) is left alone, and only the workers missing
+    are added."""
+    subprocess.run(["dvc", "queue", "remove", "--queued"], check=False)
+    clear_stale_tasks()
+    running, _ = queue_status()
+    for e in experiments:
+        if running.get(e.name) == "Running":
+            print(f"[study] {e.name} is running already; not queued again", flush=True)
+            continue
+        cmd = dvc_queue_command(e, {**overrides, "ssl.threads": 1 if jobs > 1 else 0})
+        print("[study] " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    keep_workers(jobs)
