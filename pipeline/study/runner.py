@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.study.ledger import done, export_finished
 from pipeline.study.plan import Experiment, ModelKey, Study, dvc_queue_command, experiments_for
-from pipeline.study.queue import keep_workers, queue_busy, queue_experiments
+from pipeline.study.queue import keep_workers, queue_experiments, queue_status
 from pipeline.study.report import build as build_study
 from pipeline.study.share import models_in_experiments, pull, push_unpushed, study_experiments
 
@@ -82,9 +82,12 @@ def _train(study: Study, experiments: list[Experiment], missing: list[ModelKey],
            pushed: set[str], poll: float) -> None:
     """Queue ``experiments`` and wait on the queue, exporting (and pushing) each model as it finishes."""
     queue_experiments(experiments, study.overrides, jobs)
-    while queue_busy():
+    while True:
+        status = queue_status()              # once a look: `dvc queue status` takes CPU from the workers
+        if not status[0]:
+            break
+        keep_workers(jobs, status)
         time.sleep(poll)
-        keep_workers(jobs)
         new = export_finished(study, missing)
         if new:
             print(f"[study] finished: {', '.join(new)}", flush=True)
