@@ -115,6 +115,8 @@ def test_the_confirmatory_report_tests_only_its_own_seeds_and_shows_both_studies
     row = next(line for line in text.splitlines() if line.startswith(f"| {res.estimate:+.2f} |"))
     assert confirm.outcome(res, True) in row and "interim" not in row
     assert "| hue, 24-way linear (primary) | pooled |" in text
+    sub = confirm.welch_blocked({m: new[m] for m in confirm.PREMISE_HOLDS})
+    assert f"Δ {sub.estimate:+.2f} [{sub.low:+.2f}, {sub.high:+.2f}], p {sub.p:.4f}." in text
     assert text.index("pre-registered primary test") < text.index("## The secondary tests (pre-registered)")
     assert "## The primary test (docs/study.md)" not in text
 
