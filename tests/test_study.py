@@ -570,9 +570,16 @@ def test_premise_report_per_method_and_the_schedule_rule(tmp_path):
         rows = [{"step": 39 * e, "epoch": float(e), knn: v, "monitor/hue/knn_top1": 50.0 - e} for e, v in curve.items()]
         _premise_record(ledger, ModelKey(method, "baseline", 0.0, "strong", 0, 20),
                         {hue: h_strong - 5, garment: 71.0 if method == "simclr" else 75.0, knn: curve[20]}, rows)
-    s = study(tmp_path, PREMISE)
+        # the premise at the chosen schedule, on another seed: its strong model is no schedule arm
+        for strength, h in (("none", h_none + 1), ("strong", h_strong - 10)):
+            _premise_record(ledger, ModelKey(method, "baseline", 0.0, strength, 3, 15), {hue: h, garment: 50.0},
+                            [{"step": 1, "epoch": 1.0, knn: 99.0}])
+    s = study(tmp_path, PREMISE + "  - {name: at-schedule, methods: [simclr, moco], variants: [baseline], "
+                                  "lambda: [1.0], color_strength: [none, strong], seeds: [3], epochs: 15}\n")
     text = build_premise(s, tmp_path / "out", ledger, short_epochs=5).read_text()
-    assert "models finished: **6 of 6** planned" in text
+    assert "models finished: **10 of 10** planned" in text
+    assert "| simclr | 15 | 3 | 91.0 | 60.0 | 31.0 | holds |" in text
+    assert "| moco | 15 | 3 | 81.0 | 68.0 | 13.0 | holds |" in text
     assert "| simclr | 90.0 | – | 70.0 | 20.0 | holds |" in text
     assert "| moco | 80.0 | – | 78.0 | 2.0 | does not hold |" in text
     lines = {l.split(" | ")[0]: l for l in text.splitlines() if l.startswith(("| simclr | 60.0", "| moco | 30.0"))}
