@@ -224,8 +224,8 @@ def test_every_evaluation_task_is_the_stage_its_record_says():
         assert "pipeline/evaluate" in stage["deps"] and "stages/evaluate.py" in stage["deps"], where
     evaluating = {name for name, s in DVC["stages"].items() if "stages.evaluate" in s.get("cmd", "")}
     assert evaluating == {"features", *tasks.names()}, "a dvc.yaml evaluation stage without a record (or the reverse)"
-    # the stage that reads the records outside pipeline/evaluate/ (the refusals) depends on them
-    for stage in ("validate",):
+    # the stages that read the records outside pipeline/evaluate/ (refusals, the report) depend on them
+    for stage in ("validate", "report"):
         assert "pipeline/evaluate/tasks.py" in DVC["stages"][stage]["deps"], stage
 
 
