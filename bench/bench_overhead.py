@@ -100,7 +100,7 @@ PROFILED = {
     "fewshot_eval": ("pipeline/evaluate/fewshot.py", "fewshot_eval"),
     "augmentation_probe": ("pipeline/evaluate/probe.py", "augmentation_probe"),
     "write_items": ("pipeline/workflow.py", "_write_items"),
-    "check_fewshot_feasible": ("pipeline/workflow.py", "check_fewshot_feasible"),
+    "check_fewshot_feasible": ("pipeline/evaluate/tasks.py", "check_fewshot_feasible"),
     "collect_results": ("pipeline/results.py", "collect_results"),
     "build_report": ("pipeline/report/__init__.py", "build_report"),
 }

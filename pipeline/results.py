@@ -7,11 +7,12 @@
   ``monitor.csv`` and ``metrics/<model>/*.json``).
 * :func:`runs_from_mlflow`: the MLflow half of it alone (the study ledger exports from it).
 * :func:`collect_items`: per run, the per-item scores the paired statistics need, from the run's MLflow
-  artifacts or its ``metrics/<model>/`` files (:data:`ITEM_FILES`).
-* :func:`item_scores`: one per-item file's arrays as scores by metric column (the study ledger reads
-  them from DVC experiment commits).
-* :data:`RUN_INFO_FILE`, :data:`ITEM_FILES`: the names of the files it reads (defined by the stages that
-  write them: :mod:`pipeline.tracking`, :mod:`pipeline.evaluate`).
+  artifacts or its ``metrics/<model>/`` files: the per-item file of each evaluation task that has one,
+  read by its record's ``scores`` hook (:mod:`pipeline.evaluate.tasks`).
+* :func:`item_scores`: the scores of every per-item file of one model, given a reader of its files (the
+  study ledger reads them from DVC experiment commits).
+* :data:`RUN_INFO_FILE`: the name of the run file it reads (defined by the stage that writes it,
+  :mod:`pipeline.tracking`).
 
 Writing is :mod:`pipeline.tracking`'s (the logger the stages call while they run); this module reads
 the same store (:func:`pipeline.tracking.tracking_uri`, whose import also caps MLflow's HTTP retries) and
@@ -23,16 +24,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import flatten
-from pipeline.evaluate import ITEM_FILES
+from pipeline.evaluate import tasks
 from pipeline.params import Params
 from pipeline.tracking import RUN_INFO_FILE, model_name, relocate_artifacts, tracking_uri
 
-__all__ = ["ITEM_FILES", "RUN_INFO_FILE", "collect_items", "collect_results", "item_scores", "runs_from_mlflow"]
+__all__ = ["RUN_INFO_FILE", "collect_items", "collect_results", "item_scores", "runs_from_mlflow"]
 
 
 def runs_from_mlflow(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -133,21 +135,17 @@ def collect_results(params: Params, models_dir: Path = Path("models"), metrics_d
     return runs, curves, "metrics files (models/, metrics/)"
 
 
-def item_scores(family: str, arrays) -> dict[str, "np.ndarray"]:
-    """Per-item scores in % keyed by the metric column they belong to: linear ``pred == label``,
-    few-shot the episode accuracy."""
-    import numpy as np
-
+def item_scores(open_items: Callable[[str], "np.lib.npyio.NpzFile | None"]) -> dict[str, "np.ndarray"]:
+    """Per-item scores in % keyed by the metric column they belong to, from every evaluation task with a
+    per-item file (:func:`pipeline.evaluate.tasks.with_items`, in the registry's order): ``open_items(name)``
+    opens that file of one model (None where it has none), the task's ``scores`` hook reads it (linear
+    ``pred == label``, few-shot the episode accuracy)."""
     out = {}
-    if family == "linear":
-        for key in arrays.files:
-            if key.endswith("/pred"):
-                task = key[: -len("/pred")]
-                out[f"linear/{task}/top1"] = 100.0 * (arrays[key] == arrays[f"{task}/label"]).astype(np.float64)
-    else:
-        for key in arrays.files:
-            if key.endswith("/acc"):
-                out[f"fewshot/{key[: -len('/acc')]}"] = 100.0 * np.asarray(arrays[key], dtype=np.float64)
+    for task in tasks.with_items():
+        arrays = open_items(task.items)
+        if arrays is not None:
+            with arrays:
+                out.update(task.scores(arrays))
     return out
 
 
@@ -175,11 +173,11 @@ def collect_items(params: Params, runs: pd.DataFrame, models_dir: Path = Path("m
             client = None
     for _, run in runs.iterrows():
         run_id = str(run["run_id"])
-        scores: dict[str, np.ndarray] = {}
         local = Path(metrics_dir) / model_name(str(run["method"]), str(run["variant"]))
         info = Path(models_dir) / local.name / RUN_INFO_FILE
         owner = json.loads(info.read_text()).get("run_id") if info.exists() else None
-        for family, name in ITEM_FILES.items():
+
+        def open_items(name: str):
             path = None
             if client is not None and not run_id.startswith("file:"):
                 try:
@@ -188,9 +186,9 @@ def collect_items(params: Params, runs: pd.DataFrame, models_dir: Path = Path("m
                     path = None
             if path is None and (local / name).exists() and (run_id.startswith("file:") or owner in (None, run_id)):
                 path = local / name
-            if path is not None and path.exists():
-                with np.load(path) as arrays:
-                    scores.update(item_scores(family, arrays))
+            return np.load(path) if path is not None and path.exists() else None
+
+        scores = item_scores(open_items)
         if scores:
             out[run_id] = scores
     return out

@@ -4,23 +4,26 @@ tracking and the files DVC tracks.  Stage scripts in ``stages/`` only parse argu
 File layout (docs/architecture.md):
   models/<method>-<variant>/{checkpoint.pt, final.pt, mlflow_run_id, run.json, metrics.json, losses.csv}
   features/<method>-<variant>/<dataset>.npz      train_x, test_x, train_<task>, test_<task>
-  metrics/<method>-<variant>/{linear,fewshot,probe}.json            the headline numbers (DVC metrics)
-  metrics/<method>-<variant>/{linear,fewshot,probe}_diagnostics.json solver settings, stops, episode digests
-                                                                      (DVC outputs, not metrics: issue 27)
+  metrics/<method>-<variant>/<task>.json               the headline numbers of each evaluation task (DVC metrics)
+  metrics/<method>-<variant>/<task>_diagnostics.json   solver settings, stops, episode digests
+                                                       (DVC outputs, not metrics: issue 27)
+  metrics/<method>-<variant>/<its per-item file>       linear_predictions.npz, fewshot_episodes.npz
+The evaluation tasks and their files are the records of pipeline.evaluate.tasks; run_task runs any of them.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from pipeline.cli import write_json
 from pipeline.config import ConfigError, check_choice, flatten, to_dict
-from pipeline.evaluate import ITEM_FILES
+from pipeline.evaluate import tasks
 from pipeline.params import Params
 from pipeline.request import RunRequest
 from pipeline.results import collect_items, collect_results
@@ -54,30 +57,10 @@ def _load_split(params: Params, name: str, split: str):
     return load_split(Path(params.data.prepared), name, split)
 
 
-def check_fewshot_feasible(params: Params) -> None:
-    """Refuse (before any compute) a few-shot setting that some downstream task cannot serve."""
-    fs = params.eval.fewshot
-    need = max(fs.shots) + fs.queries
-    for name, entry in params.data.datasets.items():
-        for task in entry.tasks:
-            try:
-                labels = _load_split(params, name, "test").labels[task]
-            except FileNotFoundError:
-                continue  # not prepared yet: checked again when the fewshot stage runs
-            counts = np.bincount(labels)
-            counts = counts[counts > 0]
-            usable = int((counts >= need).sum())
-            if len(counts) < fs.ways:
-                raise ConfigError(
-                    f"eval.fewshot: {fs.ways}-way episodes need {fs.ways} classes, but {name}/{task} has only "
-                    f"{len(counts)}; allowed: eval.fewshot.ways <= {len(counts)}")
-            if usable < fs.ways:
-                raise ConfigError(
-                    f"eval.fewshot: {fs.ways}-way episodes with K={max(fs.shots)} shots + {fs.queries} queries need "
-                    f"{fs.ways} classes with >= {need} test images in {name}/{task}, but only {usable} have that "
-                    f"many (smallest class: {int(counts.min())}, classes: {len(counts)}); allowed: "
-                    f"eval.fewshot.shots <= {int(np.sort(counts)[-fs.ways]) - fs.queries} with these queries, "
-                    f"or fewer eval.fewshot.ways / eval.fewshot.queries")
+def check_evaluations(params: Params) -> None:
+    """Every evaluation task's refusal before any compute (:func:`pipeline.evaluate.tasks.check_all`: e.g. a
+    few-shot setting that some downstream task cannot serve)."""
+    tasks.check_all(params)
 
 
 # -- pretraining --------------------------------------------------------------------------------
@@ -104,7 +87,7 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     # Every refusal before anything is written (tests/test_reliability.py: the tree stays byte-identical).
     # The request is resolved here, once: training, the MLflow run and run.json read it.
     request = RunRequest.resolve(params, method, variant)
-    check_fewshot_feasible(params)
+    check_evaluations(params)
     images = pretrain_images(params.data.prepared, params.data.pretrain)
     monitor = monitor_data(params)
     out_dir = Path(models_dir) / f"{method}-{variant}"
@@ -148,13 +131,11 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-# Each evaluation writes its headline numbers to <step>.json (declared as DVC metrics: what `dvc metrics
-# show` / `dvc exp show` / `dvc metrics diff` compare) and everything else it records (solver settings,
-# per-fit stops, episode digests) to <step>_diagnostics.json (a DVC output, not a metric), so the
-# comparison tables hold accuracies, not solver strings.
-DIAGNOSTICS = "{step}_diagnostics.json"
-LINEAR_ITEMS = ITEM_FILES["linear"]          # per test image: predicted and true class, per dataset/task
-FEWSHOT_ITEMS = ITEM_FILES["fewshot"]        # per episode: accuracy, per dataset/task/setting
+# Each evaluation task (pipeline.evaluate.tasks) writes its headline numbers to <task>.json (declared as DVC
+# metrics: what `dvc metrics show` / `dvc exp show` / `dvc metrics diff` compare) and everything else it
+# records (solver settings, per-fit stops, episode digests) to <task>_diagnostics.json (a DVC output, not a
+# metric), so the comparison tables hold accuracies, not solver strings; a task with per-item scores also
+# writes its per-item file (linear_predictions.npz, fewshot_episodes.npz) for the paired statistics.
 
 
 def _write_items(path: Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -238,101 +219,38 @@ def _features(params: Params, features_dir: Path, model: str) -> Iterator[tuple[
             yield name, task, arrays
 
 
-def run_linear(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
-    from pipeline.evaluate.linear import format_linear_result, linear_probe
-
+def run_task(task: str, params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
+    """One evaluation task's stage (``<task>@<model>``), as its record says (:mod:`pipeline.evaluate.tasks`):
+    its refusal, its ``evaluate`` on the model's features or backbone, then ``metrics/<model>/<task>.json``,
+    ``<task>_diagnostics.json``, its per-item file, and the metrics logged into the model's MLflow run."""
+    record = tasks.get(task)
     parse_model(params, model)
-    metrics, rows, solver, arrays = {}, [], {}, {}
-    for name, task, a in _features(params, features_dir, model):
-        t0 = time.perf_counter()
-        res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
-                           seed=params.seed, class_average=name in params.eval.linear.class_average,
-                           device=default_device())
-        # The reported number: top-1, or mean per-class accuracy for eval.linear.class_average datasets.
-        metrics[f"linear/{name}/{task}/top1"] = float(res["acc"])
-        solver[f"{name}/{task}"] = {**res["solver"], "best_wd": res["best_wd"], "best_val_acc": res["best_val_acc"],
-                                    "metric": res["metric"]}
-        arrays[f"{name}/{task}/pred"] = res["test_pred"].astype(np.int32)
-        arrays[f"{name}/{task}/label"] = res["test_label"].astype(np.int32)
-        print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
-        _said("linear", f"{model}: {params.eval.linear.wd_steps} L2 weights + refit on {name}/{task} "
-                        f"({len(a['train_x'])} train x {a['train_x'].shape[1]} features)", t0)
-    write_json(Path(metrics_dir) / model / "linear.json", metrics)
-    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="linear"), {"solver": solver})
-    predictions = _write_items(Path(metrics_dir) / model / LINEAR_ITEMS, arrays)
-    _log_to_model_run(params, models_dir, model, metrics, artifact=predictions)
-    return metrics
-
-
-def run_fewshot(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
-    from pipeline.evaluate.fewshot import fewshot_eval, format_fewshot_result
-
-    parse_model(params, model)
-    check_fewshot_feasible(params)
-    from pipeline.evaluate.fewshot import NEWTON_TOL, SOLVER
-
-    fs = params.eval.fewshot
-    metrics, rows, arrays, digests = {}, [], {}, {}
-    for name, task, a in _features(params, features_dir, model):
-        t0 = time.perf_counter()
-        res = fewshot_eval(a["test_x"], a[f"test_{task}"], fs.ways, fs.shots, fs.queries, fs.episodes,
-                           seed=params.seed, device=default_device(), keep_episodes=True)
-        for key, r in res.items():
-            metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
-            metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
-            arrays[f"{name}/{task}/{key}/acc"] = r.pop("episode_acc")
-            digests[f"{name}/{task}/{key}"] = r.pop("episodes_sha256")
-        print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
-        _said("fewshot", f"{model}: {fs.episodes} episodes x {len(fs.shots)} shot settings of {fs.ways}-way "
-                         f"logistic regression on {name}/{task}", t0)
-    write_json(Path(metrics_dir) / model / "fewshot.json", metrics)
-    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="fewshot"),
-               {"solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests})
-    episodes = _write_items(Path(metrics_dir) / model / FEWSHOT_ITEMS, arrays)
-    _log_to_model_run(params, models_dir, model, metrics, artifact=episodes)
-    return metrics
-
-
-def probe_augmentations(params: Params) -> list[str]:
-    """Every augmentation the views use (so baseline and AugSelf are probed on the same targets), as the
-    records of :mod:`pipeline.augmentations` say (:func:`~pipeline.augmentations.probed`)."""
-    from pipeline.augmentations import probed
-
-    return probed(params.augment)
-
-
-def run_probe(params: Params, model: str, models_dir: Path, features_dir: Path, metrics_dir: Path) -> dict:
-    from pipeline.augment import BatchAugment
-    from pipeline.evaluate.probe import augmentation_probe, format_probe_result
-
+    if record.check is not None:
+        record.check(params)
     device = default_device()
-    backbone, meta = _load_model(params, models_dir, model, device)
-    images = _load_split(params, params.data.pretrain, "test").images
-    augment = BatchAugment(params.augment, meta["image_size"])
-    t0 = time.perf_counter()
-    res = augmentation_probe(backbone, images, augment, probe_augmentations(params), params.eval.probe,
-                             seed=params.seed, batch_size=params.eval.batch_size, device=device)
-    metrics = {}
-    for aug, r in res.items():
-        if isinstance(r, dict):
-            key = "acc" if "acc" in r else "r2"
-            metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
-    from pipeline.evaluate.linear import DEFAULT_TOL, SOLVER
-
-    write_json(Path(metrics_dir) / model / "probe.json", metrics)
-    write_json(Path(metrics_dir) / model / DIAGNOSTICS.format(step="probe"),
-               {"solver": {"ridge": "closed form (float64 linear solve, exact)",
-                           "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}})
-    _log_to_model_run(params, models_dir, model, metrics, datasets=[params.data.pretrain])
-    print(format_probe_result(res, title=f"{model}: augmentation probe"))
-    _said("probe", f"{model}: ridge maps to {', '.join(probe_augmentations(params))} from "
-                   f"{params.eval.probe.images} view pairs of {params.data.pretrain}", t0)
-    return metrics
+    ctx = tasks.EvalContext(params, model, device,
+                            features=lambda: _features(params, features_dir, model),
+                            backbone=lambda: _load_model(params, models_dir, model, device),
+                            load_split=lambda name, split: _load_split(params, name, split),
+                            said=lambda what, t0: _said(task, what, t0))
+    result = record.run(ctx)
+    out = Path(metrics_dir) / model
+    write_json(out / record.metrics_file, result.metrics)
+    write_json(out / record.diagnostics_file, result.diagnostics)
+    artifact = None
+    if record.items is not None:
+        if result.items is None:
+            raise ValueError(f"evaluation task {task!r} names a per-item file ({record.items}) but returned no items")
+        artifact = _write_items(out / record.items, result.items)
+    _log_to_model_run(params, models_dir, model, result.metrics, datasets=result.datasets, artifact=artifact)
+    return result.metrics
 
 
-EVALUATION_STEPS: dict[str, Callable] = {
-    "features": run_features, "linear": run_linear, "fewshot": run_fewshot, "probe": run_probe,
-}
+def evaluation_steps() -> tuple[str, ...]:
+    """The steps of ``stages/evaluate.py``: the frozen features, then every registered evaluation task."""
+    return ("features", *tasks.names())
+
+
 # Wall seconds of each evaluation step, logged into the model's MLflow run only (not into the committed
 # metric files, which a rerun that reproduces must rewrite byte for byte): the study's ledger copies
 # every metric of the run, so its cost table reads them (issue 23 item 5).
@@ -341,10 +259,11 @@ STEP_SECONDS = "time/{step}_s"
 
 def run_evaluation_step(step: str, params: Params, model: str, models_dir: Path, features_dir: Path,
                         metrics_dir: Path):
-    """Run one evaluation step and log its wall time as ``time/<step>_s`` into the model's run."""
+    """Run one evaluation step (:func:`evaluation_steps`) and log its wall time as ``time/<step>_s`` into the
+    model's run."""
     t0 = time.perf_counter()
-    out = EVALUATION_STEPS[step](params, model, models_dir=models_dir, features_dir=features_dir,
-                                 metrics_dir=metrics_dir)
+    run = run_features if step == "features" else partial(run_task, step)
+    out = run(params, model, models_dir=models_dir, features_dir=features_dir, metrics_dir=metrics_dir)
     seconds = time.perf_counter() - t0
     tracker = Tracker(params)
     tracker.log_metrics(read_run_id(Path(models_dir) / model), {STEP_SECONDS.format(step=step): seconds})

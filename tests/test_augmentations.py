@@ -76,7 +76,7 @@ def test_a_toy_augmentation_reaches_every_reader_through_its_record(tint, one_th
     from pipeline.augself import AugSelfHead, augself_targets
     from pipeline.cassle import condition_dim, omega_vector
     from pipeline.study.ledger import expected_metrics
-    from pipeline.workflow import probe_augmentations
+    from pipeline.augmentations import probed
 
     # params validation: the op is in augment.order's default, the target and the block are allowed
     p = Params(augself=AugSelfParams(augmentations=["crop", "tint"]), cassle=CassleParams(conditions=["tint", "crop"]))
@@ -104,7 +104,7 @@ def test_a_toy_augmentation_reaches_every_reader_through_its_record(tint, one_th
     assert vec.shape == (12, 7) and torch.equal(vec[:, 4:], o1["tint"])
 
     # the probe measures it (ridge R²), and the study's ledger waits for its metric
-    assert probe_augmentations(p) == ["crop", "flip", "color", "tint"]
+    assert probed(p.augment) == ["crop", "flip", "color", "tint"]
     assert "probe/tint/r2" in expected_metrics(p)
 
 

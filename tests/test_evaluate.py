@@ -504,8 +504,8 @@ def test_augmentation_probe_rotation_accuracy_and_solarize_r2():
 
 def test_probe_covers_every_augmentation_that_is_on():
     from pipeline.params import AugmentParams, Params
-    from pipeline.workflow import probe_augmentations
+    from pipeline.augmentations import probed
 
-    assert probe_augmentations(Params()) == ["crop", "flip", "color"]
+    assert probed(Params().augment) == ["crop", "flip", "color"]
     on = Params(augment=AugmentParams(blur_p=0.5, rotation_p=0.5, solarize_p=0.5))
-    assert probe_augmentations(on) == ["crop", "flip", "color", "blur", "rotation", "solarize"]
+    assert probed(on.augment) == ["crop", "flip", "color", "blur", "rotation", "solarize"]

@@ -197,12 +197,53 @@ def test_artifacts_are_every_model_the_matrix_can_train():
                                           + yaml.safe_dump({"artifacts": expected}, sort_keys=False, allow_unicode=True))
 
 
-def test_per_item_files_are_one_name_for_the_stages_the_results_reader_and_dvc():
-    from pipeline import results, workflow
-    from pipeline.evaluate import ITEM_FILES
+def _names(entries) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
-    assert results.ITEM_FILES is ITEM_FILES
-    assert (workflow.LINEAR_ITEMS, workflow.FEWSHOT_ITEMS) == (ITEM_FILES["linear"], ITEM_FILES["fewshot"])
-    for task, name in ITEM_FILES.items():
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][task].get("outs", [])]
-        assert f"metrics/${{item.method}}-${{item.variant}}/{name}" in outs, f"dvc.yaml stage {task} does not output {name}"
+
+def test_every_evaluation_task_is_the_stage_its_record_says():
+    """One stage per record of pipeline.evaluate.tasks, named after it, declaring the record's params, its
+    metrics file as the only metric, its diagnostics and per-item file as outputs, and what it reads as deps;
+    and no evaluation stage without a record."""
+    from pipeline.evaluate import tasks
+
+    model = "${item.method}-${item.variant}"
+    for t in tasks.records():
+        stage = DVC["stages"].get(t.name)
+        assert stage is not None, f"evaluation task {t.name!r} has no dvc.yaml stage"
+        where = f"dvc.yaml stage {t.name} vs its record in pipeline/evaluate/tasks.py"
+        assert stage["matrix"] == {"method": "${ssl.methods}", "variant": "${variants}"}, where
+        assert stage["cmd"] == f"python -m stages.evaluate {t.name} {model}", where
+        assert stage["params"] == list(t.params), f"{where}: params {stage['params']} != {list(t.params)}"
+        assert _names(stage.get("metrics")) == [f"metrics/{model}/{t.metrics_file}"], where
+        outs = {f"metrics/{model}/{t.diagnostics_file}"} | ({f"metrics/{model}/{t.items}"} if t.items else set())
+        assert set(_names(stage.get("outs"))) == outs, f"{where}: outs {_names(stage.get('outs'))} != {sorted(outs)}"
+        reads = {"features": f"features/{model}", "backbone": f"models/{model}/final.pt"}
+        for kind, dep in reads.items():
+            assert (dep in stage["deps"]) == (t.reads == kind), f"{where}: reads {t.reads}, deps {stage['deps']}"
+        assert "pipeline/evaluate" in stage["deps"] and "stages/evaluate.py" in stage["deps"], where
+    evaluating = {name for name, s in DVC["stages"].items() if "stages.evaluate" in s.get("cmd", "")}
+    assert evaluating == {"features", *tasks.names()}, "a dvc.yaml evaluation stage without a record (or the reverse)"
+    # the stages that read the records outside pipeline/evaluate/ (refusals, the report) depend on them
+    for stage in ("validate", "report"):
+        assert "pipeline/evaluate/tasks.py" in DVC["stages"][stage]["deps"], stage
+
+
+def test_per_item_files_are_the_records_and_nothing_else_names_them():
+    """The per-item file names live in the records only: the workflow writes, the results reader and the
+    study ledger read them through the registry (no table of file names beside it)."""
+    from pipeline import results, workflow
+    from pipeline.evaluate import tasks
+    from tests.e2e import ROOT as root
+
+    files = [t.items for t in tasks.with_items()]
+    assert files[:2] == ["linear_predictions.npz", "fewshot_episodes.npz"] and len(set(files)) == len(files)
+    for module in (workflow, results):
+        assert not any(isinstance(v, str) and v in files for v in vars(module).values()), module.__name__
+    for path in [*(root / "pipeline").rglob("*.py"), *(root / "stages").glob("*.py")]:
+        if path.name == "tasks.py" and path.parent.name == "evaluate":
+            continue
+        text = path.read_text()
+        code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        named = [f for f in files if any(f'"{f}"' in line or f"'{f}'" in line for line in code)]
+        assert not named, f"{path.relative_to(root)} names the per-item file(s) {named} as a string: read the record"

@@ -319,7 +319,8 @@ def _write_model_results(tmp_path, params, model, run_id, labels, pred, episode_
     artifacts (through the same stage helper)."""
     import json
 
-    from pipeline.workflow import FEWSHOT_ITEMS, LINEAR_ITEMS, _log_to_model_run, _write_items
+    from pipeline.evaluate import tasks
+    from pipeline.workflow import _log_to_model_run, _write_items
 
     metrics_dir = tmp_path / "metrics" / model
     metrics = {"linear/cfmnist/class/top1": 100.0 * float(np.mean(pred == labels)),
@@ -327,8 +328,8 @@ def _write_model_results(tmp_path, params, model, run_id, labels, pred, episode_
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "linear.json").write_text(json.dumps({k: v for k, v in metrics.items() if k.startswith("linear")}))
     (metrics_dir / "fewshot.json").write_text(json.dumps({k: v for k, v in metrics.items() if k.startswith("fewshot")}))
-    linear = _write_items(metrics_dir / LINEAR_ITEMS, {"cfmnist/class/pred": pred, "cfmnist/class/label": labels})
-    fewshot = _write_items(metrics_dir / FEWSHOT_ITEMS, {"cfmnist/class/5way1shot/acc": episode_acc})
+    linear = _write_items(metrics_dir / tasks.get("linear").items, {"cfmnist/class/pred": pred, "cfmnist/class/label": labels})
+    fewshot = _write_items(metrics_dir / tasks.get("fewshot").items, {"cfmnist/class/5way1shot/acc": episode_acc})
     _log_to_model_run(params, tmp_path / "models", model, metrics, artifact=linear)
     from pipeline.tracking import Tracker
 

@@ -382,7 +382,7 @@ def test_each_evaluation_step_logs_its_seconds_and_the_cost_table_reads_them_fro
     (tmp_path / "models" / "simclr-baseline").mkdir(parents=True)
     (tmp_path / "models" / "simclr-baseline" / wf.RUN_ID_FILE).write_text("run-7")
     monkeypatch.setattr(wf, "Tracker", Recorder)
-    monkeypatch.setitem(wf.EVALUATION_STEPS, "linear", lambda params, model, **dirs: {"linear/x/y/top1": 50.0})
+    monkeypatch.setattr(wf, "run_task", lambda task, params, model, **dirs: {f"{task}/x/y/top1": 50.0})
     out = wf.run_evaluation_step("linear", None, "simclr-baseline", tmp_path / "models", tmp_path / "f", tmp_path / "m")
     assert out == {"linear/x/y/top1": 50.0}
     assert len(logged) == 1 and logged[0][0] == "run-7" and list(logged[0][1]) == ["time/linear_s"]

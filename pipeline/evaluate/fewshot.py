@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["episode_digest", "sample_episodes", "ovr_logistic_fit", "summarise_accuracies", "fewshot_eval", "format_fewshot_result"]
+__all__ = ["episode_digest", "sample_episodes", "ovr_logistic_fit", "summarise_accuracies", "fewshot_eval", "format_fewshot_result", "evaluate"]
 
 _NEWTON_MAX_STEPS = 50
 NEWTON_TOL = 1e-10         # stop at |Newton decrement| <= NEWTON_TOL (recorded in fewshot_diagnostics.json)
@@ -217,3 +217,28 @@ def format_fewshot_result(result: dict[str, dict[str, float]], title: str = "few
     lines = [title, "-" * max(len(title), width + 20), f"{'setting':<{width}}  {'acc (%)':>8}  {'± 95% CI':>8}"]
     lines += [f"{k:<{width}}  {v['mean']:8.2f}  {v['ci95']:8.2f}" for k, v in result.items()]
     return "\n".join(lines)
+
+
+def evaluate(ctx) -> "Evaluation":
+    """The ``fewshot`` task (:mod:`pipeline.evaluate.tasks`): N-way K-shot episodes on the test features of
+    every downstream task; per episode its accuracy (the paired statistics) and its digest (diagnostics)."""
+    import time
+
+    from pipeline.evaluate.tasks import Evaluation
+
+    params, model, fs = ctx.params, ctx.model, ctx.params.eval.fewshot
+    metrics, arrays, digests = {}, {}, {}
+    for name, task, a in ctx.features():
+        t0 = time.perf_counter()
+        res = fewshot_eval(a["test_x"], a[f"test_{task}"], fs.ways, fs.shots, fs.queries, fs.episodes,
+                           seed=params.seed, device=ctx.device, keep_episodes=True)
+        for key, r in res.items():
+            metrics[f"fewshot/{name}/{task}/{key}"] = float(r["mean"])
+            metrics[f"fewshot/{name}/{task}/{key}_ci95"] = float(r["ci95"])
+            arrays[f"{name}/{task}/{key}/acc"] = r.pop("episode_acc")
+            digests[f"{name}/{task}/{key}"] = r.pop("episodes_sha256")
+        print(format_fewshot_result(res, title=f"{model}: few-shot on {name}/{task} ({fs.episodes} episodes)"))
+        ctx.said(f"{model}: {fs.episodes} episodes x {len(fs.shots)} shot settings of {fs.ways}-way "
+                 f"logistic regression on {name}/{task}", t0)
+    return Evaluation(metrics, {"solver": {"name": SOLVER, "tol": NEWTON_TOL, "C": 1.0}, "episodes_sha256": digests},
+                      items=arrays)

@@ -100,7 +100,7 @@ _UNIT_ROUNDOFF = float(torch.finfo(torch.float64).eps) / 2
 _FLOOR_PATIENCE = 10       # unresolved Newton iterations without halving ‖∇f‖: the float64 floor
 
 __all__ = ["LogisticFit", "fit_logistic", "regularisation_path", "stratified_split", "accuracy",
-           "linear_probe", "format_linear_result"]
+           "linear_probe", "format_linear_result", "evaluate"]
 
 
 @dataclass
@@ -712,3 +712,27 @@ def format_linear_result(result: dict, title: str = "linear probe") -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join([title, "-" * max(len(title), width + 14)] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def evaluate(ctx) -> "Evaluation":
+    """The ``linear`` task (:mod:`pipeline.evaluate.tasks`): the linear probe of every downstream task on the
+    model's frozen features; per test image the predicted and the true class (the paired statistics)."""
+    from pipeline.evaluate.tasks import Evaluation
+
+    params, model = ctx.params, ctx.model
+    metrics, solver, arrays = {}, {}, {}
+    for name, task, a in ctx.features():
+        t0 = time.perf_counter()
+        res = linear_probe(a["train_x"], a[f"train_{task}"], a["test_x"], a[f"test_{task}"], params.eval.linear,
+                           seed=params.seed, class_average=name in params.eval.linear.class_average,
+                           device=ctx.device)
+        # The reported number: top-1, or mean per-class accuracy for eval.linear.class_average datasets.
+        metrics[f"linear/{name}/{task}/top1"] = float(res["acc"])
+        solver[f"{name}/{task}"] = {**res["solver"], "best_wd": res["best_wd"], "best_val_acc": res["best_val_acc"],
+                                    "metric": res["metric"]}
+        arrays[f"{name}/{task}/pred"] = res["test_pred"].astype(np.int32)
+        arrays[f"{name}/{task}/label"] = res["test_label"].astype(np.int32)
+        print(format_linear_result(res, title=f"{model}: linear probe on {name}/{task}"))
+        ctx.said(f"{model}: {params.eval.linear.wd_steps} L2 weights + refit on {name}/{task} "
+                 f"({len(a['train_x'])} train x {a['train_x'].shape[1]} features)", t0)
+    return Evaluation(metrics, {"solver": solver}, items=arrays)

@@ -39,7 +39,7 @@ from pipeline.evaluate.features import embed
 from pipeline.evaluate.linear import DEFAULT_TOL, accuracy, fit_logistic
 from pipeline.params import ProbeParams
 
-__all__ = ["standardise", "ridge_r2", "logistic_accuracy", "augmentation_probe", "format_probe_result"]
+__all__ = ["standardise", "ridge_r2", "logistic_accuracy", "augmentation_probe", "format_probe_result", "evaluate"]
 
 
 def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -178,3 +178,34 @@ def format_probe_result(result: dict, title: str = "augmentation probe") -> str:
             lines.append(f"{aug:<12}  {'R²':<8}  {value:>7}  {'0':>7}")
     lines.append(f"pairs: {result.get('n_train', '?')} train / {result.get('n_test', '?')} held out")
     return "\n".join(lines)
+
+
+def evaluate(ctx) -> "Evaluation":
+    """The ``probe`` task (:mod:`pipeline.evaluate.tasks`): every augmentation the views use (so baseline and
+    AugSelf are probed on the same targets, :func:`pipeline.augmentations.probed`), on view pairs of the
+    pretraining dataset's test split through the model's frozen backbone."""
+    import time
+
+    from pipeline.augment import BatchAugment
+    from pipeline.evaluate.linear import SOLVER
+    from pipeline.evaluate.tasks import Evaluation
+
+    params, model = ctx.params, ctx.model
+    backbone, meta = ctx.backbone()
+    images = ctx.load_split(params.data.pretrain, "test").images
+    augment = BatchAugment(params.augment, meta["image_size"])
+    augmentations = registry.probed(params.augment)
+    t0 = time.perf_counter()
+    res = augmentation_probe(backbone, images, augment, augmentations, params.eval.probe,
+                             seed=params.seed, batch_size=params.eval.batch_size, device=ctx.device)
+    metrics = {}
+    for aug, r in res.items():
+        if isinstance(r, dict):
+            key = "acc" if "acc" in r else "r2"
+            metrics[f"probe/{aug}/{key}"] = float("nan") if r[key] is None else float(r[key])
+    print(format_probe_result(res, title=f"{model}: augmentation probe"))
+    ctx.said(f"{model}: ridge maps to {', '.join(augmentations)} from "
+             f"{params.eval.probe.images} view pairs of {params.data.pretrain}", t0)
+    return Evaluation(metrics, {"solver": {"ridge": "closed form (float64 linear solve, exact)",
+                                           "flip": {"name": SOLVER, "tol": DEFAULT_TOL, "wd": params.eval.probe.ridge}}},
+                      datasets=[params.data.pretrain])

@@ -30,8 +30,9 @@ import pandas as pd
 from pipeline.config import flatten
 from pipeline.report import plots as _plots
 from pipeline.report.html import render_page
-from pipeline.report.schema import (DOWNSTREAM_FAMILIES, FAMILY_TITLES, FEWSHOT, LAMBDA_DECIMALS, LINEAR, PROBE,
-                                    MetricSpec, curve_key, lambda_label, metric_specs, validate_runs)
+from pipeline.evaluate import tasks
+from pipeline.report.schema import (LAMBDA_DECIMALS, MetricSpec, curve_key, downstream_families, family_title,
+                                    lambda_label, metric_specs, validate_runs)
 from pipeline.report.paired import paired_differences, paired_table
 from pipeline.report.tables import (Difference, Table, aggregate, build_tables, differences, lambda_curves,
                                     to_markdown)
@@ -43,8 +44,6 @@ FIGURE_PREFIX = "fig_"
 # The figures live in their own folder so the report stage can name each of its outputs (dvc.yaml): the
 # folder reports/ also holds the committed study (reports/study/), which is not this stage's output.
 FIGURES_DIR = "figures"
-_EXPECTED = {LINEAR: "linear/<dataset>/<task>/top1", FEWSHOT: "fewshot/<dataset>/<task>/<N>way<K>shot",
-             PROBE: "probe/<aug>/r2"}
 # The runs table of the committed report holds only what a rerun that reproduces gives again: run ids,
 # commits and start times are machine- and time-local (issue 17), they are in MLflow (its runs table).
 _RUN_COLUMNS = {"method": "method", "variant": "variant", "lambda": "λ", "seed": "seed", "dvc_exp": "dvc exp"}
@@ -82,11 +81,12 @@ def build_report(runs: pd.DataFrame, curves: Mapping[str, pd.DataFrame] | None, 
     diffs = differences(summary, specs, default_lambda)
     _note_missing_sides(summary, notes)
     tables = build_tables(summary, specs, diffs, default_lambda)
-    paired = paired_differences(runs, items or {}, [s for s in specs if s.family in DOWNSTREAM_FAMILIES], notes)
+    downstream = downstream_families()
+    paired = paired_differences(runs, items or {}, [s for s in specs if s.family in downstream], notes)
     if not paired.empty:
         tables.append(paired_table(paired))
     elif items is not None:
-        notes.append("no per-item scores (linear_predictions.npz / fewshot_episodes.npz) pair up: no paired Δ")
+        notes.append(f"no per-item scores ({' / '.join(t.items for t in tasks.with_items())}) pair up: no paired Δ")
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / FIGURES_DIR
@@ -128,10 +128,10 @@ def present_specs(runs: pd.DataFrame, notes: list[str]) -> list[MetricSpec]:
             specs.append(spec)
         else:
             notes.append(f"`{spec.column}` has no value in any run: skipped")
-    for family in DOWNSTREAM_FAMILIES:
-        if not any(s.family == family for s in specs):
-            notes.append(f"no {family} metric (`{_EXPECTED[family]}`) in the runs: the "
-                         f"“{FAMILY_TITLES[family]}” table and plots are skipped")
+    for task in tasks.records():
+        if not any(s.family == task.name for s in specs):
+            notes.append(f"no {task.name} metric (`{task.metric}`) in the runs: the "
+                         f"“{family_title(task.name)}” table and plots are skipped")
     return specs
 
 
@@ -168,8 +168,7 @@ def _draw_figures(runs, summary, curves, specs, ref_lambda, out_dir, notes) -> l
     figures: list[_plots.Plot] = []
     has_lambda = ref_lambda is not None
     with _plots.style():
-        for family, what in ((LINEAR, "linear top-1"), (FEWSHOT, "few-shot accuracy"),
-                             (PROBE, "augmentation-awareness probe")):
+        for family, what in ((task.name, task.figure) for task in tasks.records()):
             fspecs = [s for s in specs if s.family == family]
             if not fspecs:
                 continue

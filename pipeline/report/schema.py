@@ -11,8 +11,8 @@ Conventions
   or ``augself`` (λ > 0 normally; λ = 0 is allowed and kept as its own row).
 * A *configuration* is (method, variant, λ); its seeds are aggregated.  λ is rounded to 12 decimals
   before grouping so that ``0.1`` from a tag and ``0.1000000000001`` from arithmetic are one λ.
-* Metric columns are recognised by name (``linear/<dataset>/<task>/top1`` ...); any other column is
-  ignored.  Accuracies are in percent (linear top-1, few-shot, ``probe/flip/acc``), R² is unitless.
+* Metric columns are recognised by name (``linear/<dataset>/<task>/top1`` ...), as the records of the
+  evaluation tasks describe them (:mod:`pipeline.evaluate.tasks`); any other column is ignored.  Accuracies are in percent (linear top-1, few-shot, ``probe/flip/acc``), R² is unitless.
   Every downstream metric is *higher is better*, which is what "best λ" uses.
 """
 
@@ -26,28 +26,38 @@ import numpy as np
 import pandas as pd
 
 from pipeline.augmentations import target_names
+from pipeline.evaluate import tasks
 from pipeline.params import METHODS, VARIANTS
 
 REQUIRED_COLUMNS = ("run_id", "method", "variant", "lambda", "seed")
 OPTIONAL_COLUMNS = ("group", "commit", "dvc_exp", "start_time")
 LAMBDA_DECIMALS = 12
 
-# Metric families, in the order the report shows them.
-LINEAR, FEWSHOT, PROBE, PRETRAIN = "linear", "fewshot", "probe", "pretrain"
-FAMILIES = (LINEAR, FEWSHOT, PROBE, PRETRAIN)
-DOWNSTREAM_FAMILIES = (LINEAR, FEWSHOT, PROBE)
-FAMILY_TITLES = {
-    LINEAR: "Linear evaluation: top-1 accuracy (%)",
-    FEWSHOT: "Few-shot evaluation: accuracy (%)",
-    PROBE: "Augmentation awareness: linear probe of ω from frozen features",
-    PRETRAIN: "Pretraining: final losses",
-}
-
-_LINEAR_RE = re.compile(r"^linear/(?P<dataset>[^/]+)/(?P<task>[^/]+)/top1$")
-_FEWSHOT_RE = re.compile(r"^fewshot/(?P<dataset>[^/]+)/(?P<task>[^/]+)/(?P<ways>\d+)way(?P<shots>\d+)shot$")
-_PROBE_RE = re.compile(r"^probe/(?P<aug>[^/]+)/(?P<stat>r2|acc)$")
+# Metric families, in the order the report shows them: every evaluation task (pipeline.evaluate.tasks, its
+# record names its columns, title and figures), then the pretraining losses.
+PRETRAIN = "pretrain"
+PRETRAIN_TITLE = "Pretraining: final losses"
 _PRETRAIN_RE = re.compile(r"^pretrain/(?P<name>loss_ssl|loss_total|images_per_s|loss_augself/[^/]+)$")
-CI_SUFFIX = "_ci95"
+
+
+def families() -> tuple[str, ...]:
+    """The metric families in the order the report shows them: the evaluation tasks, then ``pretrain``."""
+    return (*tasks.names(), PRETRAIN)
+
+
+def downstream_families() -> tuple[str, ...]:
+    """The families of the evaluation tasks (Δ rows, paired differences)."""
+    return tasks.names()
+
+
+def family_title(family: str) -> str:
+    """The title of a family's table (its task's ``title``)."""
+    return PRETRAIN_TITLE if family == PRETRAIN else tasks.get(family).title
+
+
+def ci_caption(family: str) -> str:
+    """What a family's table caption says about its confidence-interval columns (few-shot: over episodes)."""
+    return "" if family == PRETRAIN else tasks.get(family).ci_caption
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class MetricSpec:
     decimals: int
     ci_column: str | None = None
     higher_is_better: bool = True
+    augmentation: str | None = None      # the augmentation the column is about (ordered as the records list them)
 
     def fmt(self, value: float, signed: bool = False) -> str:
         if value is None or not np.isfinite(value):
@@ -73,24 +84,24 @@ class MetricSpec:
 
 
 def metric_spec(column: str, available: set[str] | frozenset[str] = frozenset()) -> MetricSpec | None:
-    """The spec of a metric column, or None when the column is not a metric the report knows."""
-    if m := _LINEAR_RE.match(column):
-        return MetricSpec(column, LINEAR, f"{m['dataset']}/{m['task']}", "top-1 accuracy (%)", 2)
-    if m := _FEWSHOT_RE.match(column):
-        ci = column + CI_SUFFIX
-        return MetricSpec(column, FEWSHOT, f"{m['dataset']}/{m['task']} {m['ways']}-way {m['shots']}-shot",
-                          "accuracy (%)", 2, ci_column=ci if ci in available else None)
-    if m := _PROBE_RE.match(column):
-        if m["stat"] == "r2":
-            return MetricSpec(column, PROBE, f"{m['aug']} R²", f"{m['aug']} R² (unitless)", 3)
-        return MetricSpec(column, PROBE, f"{m['aug']} acc. (%)", f"{m['aug']} accuracy (%)", 2)
+    """The spec of a metric column, or None when the column is not a metric the report knows: an evaluation
+    task's column as its record describes it (:class:`pipeline.evaluate.tasks.Column`), or a pretraining loss."""
+    for task in tasks.records():
+        if found := task.column(column):
+            col, m = found
+            groups = m.groupdict()
+            ci = column + col.ci_suffix if col.ci_suffix else None
+            return MetricSpec(column, task.name, col.label.format(**groups), col.axis.format(**groups), col.decimals,
+                              ci_column=ci if ci in available else None,
+                              augmentation=groups[col.augmentation] if col.augmentation else None)
     if m := _PRETRAIN_RE.match(column):
         name = m["name"]
         if name == "images_per_s":
             return MetricSpec(column, PRETRAIN, "images/s", "throughput (images/s)", 0)
         label = {"loss_ssl": "SSL loss", "loss_total": "total loss"}.get(name)
-        label = label or f"AugSelf {name.split('/', 1)[1]} loss"
-        return MetricSpec(column, PRETRAIN, label, "loss (final)", 4, higher_is_better=False)
+        aug = name.split("/", 1)[1] if name.startswith("loss_augself/") else None
+        label = label or f"AugSelf {aug} loss"
+        return MetricSpec(column, PRETRAIN, label, "loss (final)", 4, higher_is_better=False, augmentation=aug)
     return None
 
 
@@ -104,13 +115,11 @@ def metric_specs(runs: pd.DataFrame) -> list[MetricSpec]:
 def _order_key(spec: MetricSpec) -> tuple:
     """Family order; augmentations in the library's order (crop, flip, color, blur); the SSL loss first,
     then the AugSelf terms, the total and the throughput; otherwise natural order (1-shot before 10-shot)."""
-    parts = spec.column.split("/")
-    aug = parts[1] if spec.family == PROBE else parts[2] if spec.column.startswith("pretrain/loss_augself/") else None
     augs = target_names()
-    aug_rank = augs.index(aug) if aug in augs else len(augs)
+    aug_rank = augs.index(spec.augmentation) if spec.augmentation in augs else len(augs)
     pretrain_rank = {"pretrain/loss_ssl": 0, "pretrain/loss_total": 2, "pretrain/images_per_s": 3}.get(spec.column, 1)
     natural = [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", spec.column)]
-    return FAMILIES.index(spec.family), pretrain_rank, aug_rank, natural
+    return families().index(spec.family), pretrain_rank, aug_rank, natural
 
 
 def method_order(methods) -> list[str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.report.schema import (DOWNSTREAM_FAMILIES, FAMILIES, FAMILY_TITLES, FEWSHOT, MetricSpec,
+from pipeline.report.schema import (MetricSpec, ci_caption, downstream_families, families, family_title,
                                     lambda_label)
 
 KEYS = ["method", "variant", "lambda"]
@@ -100,6 +100,7 @@ def _difference(base: pd.Series, aug: pd.Series, spec: MetricSpec, kind: str) ->
 def differences(summary: pd.DataFrame, specs: list[MetricSpec], default_lambda: float | None) -> list[Difference]:
     """AugSelf − baseline per method and downstream metric, at the default λ and at the best λ."""
     out: list[Difference] = []
+    downstream = downstream_families()
     for method in dict.fromkeys(summary["method"]):
         base = _row(summary, method, "baseline")
         augs = summary[(summary["method"] == method) & (summary["variant"] == "augself")]
@@ -107,7 +108,7 @@ def differences(summary: pd.DataFrame, specs: list[MetricSpec], default_lambda: 
             continue
         lambdas = list(augs["lambda"])
         for spec in specs:
-            if spec.family not in DOWNSTREAM_FAMILIES:
+            if spec.family not in downstream:
                 continue
             candidates = []
             if default_lambda is not None and default_lambda in lambdas:
@@ -171,7 +172,6 @@ _CAPTION_STATS = ("Cells: mean ± sample std over seeds (std only where ≥ 2 se
 _CAPTION_DELTA = ("**Bold Δ rows**: AugSelf − baseline difference of the means ± its standard error "
                   "√(s_a²/n_a + s_b²/n_b) (only where both sides have ≥ 2 seeds); “best λ” picks, per column, "
                   "the λ with the highest mean, an optimistic (oracle) choice.")
-_CAPTION_CI = "CI: mean over seeds of the 95 % confidence half-width over episodes."
 
 _DELTA_LABELS = {"default": "Δ AugSelf − baseline", "best": "Δ best λ (per column)",
                  "only": "Δ AugSelf − baseline"}
@@ -182,19 +182,20 @@ def build_tables(summary: pd.DataFrame, specs: list[MetricSpec], diffs: list[Dif
     """One table per metric family present: configuration rows, then each method's Δ rows."""
     tables = []
     by_key = {(d.method, d.metric, d.kind): d for d in diffs}
-    for family in FAMILIES:
+    downstream = downstream_families()
+    for family in families():
         fspecs = [s for s in specs if s.family == family]
         if not fspecs:
             continue
         caption = _CAPTION_STATS
-        if family == FEWSHOT and any(s.ci_column for s in fspecs):
-            caption += " " + _CAPTION_CI
-        table = Table(FAMILY_TITLES[family], caption, ["method", "variant", "λ", "seeds"] + [s.label for s in fspecs])
+        if any(s.ci_column for s in fspecs) and ci_caption(family):
+            caption += " " + ci_caption(family)
+        table = Table(family_title(family), caption, ["method", "variant", "λ", "seeds"] + [s.label for s in fspecs])
         for method in dict.fromkeys(summary["method"]):
             for _, row in summary[summary["method"] == method].iterrows():
                 table.add([method, row["variant"], lambda_label(row["lambda"]), str(int(row["n_runs"]))]
                           + [format_cell(row, s) for s in fspecs])
-            if family not in DOWNSTREAM_FAMILIES:
+            if family not in downstream:
                 continue
             for kind in ("default", "only", "best"):
                 cells = [by_key.get((method, s.column, kind)) for s in fspecs]

@@ -7,8 +7,9 @@ completed epochs, ``monitor/<task>/…``), from the run's MLflow metric history;
 statistics need (per test image correctness of the linear probe, per episode few-shot accuracy, in
 %, keyed by metric column, as :func:`pipeline.results.collect_items` returns them).  The ledger is
 filled from the MLflow store (where every queued DVC experiment logs) by :func:`export_finished`,
-and read back by the study's report; a model is *finished* when its run carries every linear and
-few-shot metric of the configuration.  Because the files are committed, a study interrupted on one
+and read back by the study's report; a model is *finished* when its run carries every metric of every
+evaluation task of the configuration (:func:`expected_metrics`) and the per-item scores of those with a
+per-item file.  Because the files are committed, a study interrupted on one
 machine continues on another from what the ledger already holds.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.evaluate import tasks
 from pipeline.params import Params, load_params
 from pipeline.study.plan import Experiment, ModelKey, Study
 
@@ -27,21 +29,12 @@ LEDGER = Path("reports/study/runs")
 
 
 def expected_metrics(params: Params) -> list[str]:
-    """The metric columns a finished model has: linear top-1 and few-shot of every downstream task, and
-    the augmentation probe of every augmentation the views use (its stage may finish last)."""
-    from pipeline.augmentations import PROBE_METRICS, get
-    from pipeline.workflow import probe_augmentations
+    """The metric columns a finished model has: those of every evaluation task (its record's ``expected``:
+    linear top-1 and few-shot of every downstream task, the augmentation probe of every augmentation the
+    views use, :mod:`pipeline.evaluate.tasks`); its stages may finish in any order."""
+    from pipeline.evaluate.tasks import expected_metrics as expected
 
-    # An augmentation that is off (colour at augment.color_strength: none) has a constant ω: its probe logs
-    # NaN (no R² of a constant), so it is not waited for.
-    out = [f"probe/{a}/{PROBE_METRICS[get(a).probe]}" for a in probe_augmentations(params)
-           if params.augment.probability(a) > 0]
-    fs = params.eval.fewshot
-    for name, entry in params.data.datasets.items():
-        for task in entry.tasks:
-            out.append(f"linear/{name}/{task}/top1")
-            out += [f"fewshot/{name}/{task}/{fs.ways}way{k}shot" for k in fs.shots]
-    return out
+    return expected(params)
 
 
 def params_of(key: ModelKey, study: Study, params_path: str | Path = "params.yaml") -> Params:
@@ -62,7 +55,7 @@ def items_from_experiment_refs(key: ModelKey, group: str, repo: Path = Path(".")
     import io
     import subprocess
 
-    from pipeline.results import ITEM_FILES, RUN_INFO_FILE, item_scores
+    from pipeline.results import RUN_INFO_FILE, item_scores
 
     def show(ref: str, path: str) -> bytes | None:
         r = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=repo, capture_output=True)
@@ -76,12 +69,11 @@ def items_from_experiment_refs(key: ModelKey, group: str, repo: Path = Path(".")
         info = show(ref, f"models/{model}/{RUN_INFO_FILE}")
         if info is None or {k: json.loads(info).get(k) for k in want} != want:
             continue
-        scores: dict[str, np.ndarray] = {}
-        for family, name in ITEM_FILES.items():
+        def open_items(name: str, ref: str = ref):
             data = show(ref, f"metrics/{model}/{name}")
-            if data is not None:
-                with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                    scores.update(item_scores(family, arrays))
+            return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
+
+        scores = item_scores(open_items)
         if scores:
             return scores
     return {}
@@ -125,7 +117,7 @@ def export_finished(study: Study, keys: list[ModelKey], ledger: Path = LEDGER,
                 continue                                  # still training or evaluating
             items = (collect_items(p, sel.iloc[[-1]]).get(str(row["run_id"]), {})
                      or items_from_experiment_refs(key, group))
-            if any(c not in items for c in need if c.startswith(("linear/", "fewshot/"))):
+            if any(c not in items for c in need if (task := tasks.task_of(c)) is not None and task.items):
                 print(f"[study] {key.name}: finished, but its per-item scores are neither in MLflow's artifacts "
                       f"nor in a DVC experiment commit yet; not exported (the paired statistics need them)")
                 continue

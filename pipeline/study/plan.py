@@ -250,7 +250,11 @@ def experiments_for(missing: list[ModelKey], default_lambda: float = 1.0) -> lis
 # pretrain, features).  Not `report`: the study's report is built from the ledger (reports/study/), and the
 # per-experiment reports/ was written into the experiment's commit and never read: a process that imports
 # pandas, matplotlib and MLflow and queries the store, per experiment (issue 23 item 2).
-STUDY_TARGETS = ("linear", "fewshot", "probe")
+def study_targets() -> tuple[str, ...]:
+    """The DVC stages a study experiment runs: every evaluation task (:mod:`pipeline.evaluate.tasks`)."""
+    from pipeline.evaluate import tasks
+
+    return tasks.names()
 
 
 def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
@@ -261,7 +265,7 @@ def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
     for k, v in exp.overrides(extra).items():
         value = json.dumps(v, separators=(",", ":")).replace('"', "") if isinstance(v, list) else str(v)
         argv += ["-S", f"{k}={value}"]
-    return argv + list(STUDY_TARGETS)
+    return argv + list(study_targets())
 
 
 def parse_queue_status(text: str) -> tuple[dict[str, str], int]:

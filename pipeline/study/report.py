@@ -109,8 +109,14 @@ def bench_cost(paths: dict[str, Path] = BENCH) -> list[str]:
 
 WALL = "pretrain/wall_time_s"
 MONITOR = "pretrain/monitor_s"
-# The evaluation steps, in the order a model runs them; ``time/<step>_s`` (pipeline.workflow.STEP_SECONDS).
-EVAL_STEPS = ("features", "linear", "fewshot", "probe")
+
+
+def eval_steps() -> tuple[str, ...]:
+    """The evaluation steps, in the order a model runs them (features, then every evaluation task); each
+    logs ``time/<step>_s`` (pipeline.workflow.STEP_SECONDS)."""
+    from pipeline.workflow import evaluation_steps
+
+    return evaluation_steps()
 
 
 def _cell(v: pd.Series, digits: int = 0) -> str:
@@ -124,7 +130,7 @@ def _cell(v: pd.Series, digits: int = 0) -> str:
 def cost_per_variant(runs: pd.DataFrame) -> pd.DataFrame:
     """Per strength × method × variant × λ: models, pretraining images/s and seconds, and each evaluation
     step's seconds, as recorded by each model's own run (mean, min, max, and how many models recorded it)."""
-    cols = [SPEED, WALL, MONITOR] + [f"time/{s}_s" for s in EVAL_STEPS]
+    cols = [SPEED, WALL, MONITOR] + [f"time/{s}_s" for s in eval_steps()]
     rows = []
     for (strength, method, variant, lam), g in runs.groupby(["strength", "method", "variant", "lambda"], sort=False):
         row = {"strength": strength, "method": method, "variant": variant, "lambda": float(lam), "models": len(g)}
@@ -142,11 +148,12 @@ def cost_table(runs: pd.DataFrame) -> list[str]:
     models predate it), then the benchmark's step-time overhead of each variant."""
     if SPEED not in runs:
         return []
-    have_eval = [s for s in EVAL_STEPS if f"time/{s}_s" in runs and runs[f"time/{s}_s"].notna().any()]
+    steps = eval_steps()
+    have_eval = [s for s in steps if f"time/{s}_s" in runs and runs[f"time/{s}_s"].notna().any()]
     lines = ["## Cost per model, from the ledger", "",
              "One row per variant: mean [min–max] over its models of what each model's own run logged. "
              "Pretraining seconds include the kNN monitor (its seconds are the next column). Evaluation "
-             "steps (`features`, `linear`, `fewshot`, `probe`) log their wall seconds as `time/<step>_s` "
+             f"steps ({', '.join(f'`{s}`' for s in steps)}) log their wall seconds as `time/<step>_s` "
              "into the model's run, which the ledger copies; "
              + ("models exported before that was recorded show “not recorded”." if have_eval else
                 "**no model in this ledger recorded them** (the first study's 34 models predate the "
@@ -156,15 +163,15 @@ def cost_table(runs: pd.DataFrame) -> list[str]:
              "whatever else the 2-core machine ran; the default slice alone at 2 threads), so a ratio to the "
              "baseline mixes a variant's cost with the load: the benchmark below times both in one process.", "",
              "| strength | method | variant | λ | models | images/s | pretraining s | monitor s | "
-             + " | ".join(f"{s} s" for s in EVAL_STEPS) + " |",
-             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(EVAL_STEPS)]
+             + " | ".join(f"{s} s" for s in steps) + " |",
+             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(steps)]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     keys = runs.assign(_s=runs["strength"].map(lambda s: -STRENGTHS.index(s) if s in STRENGTHS else 9),
                        _m=runs["method"].map(lambda m: order.get(m, 99)))
     for (_, _, strength, method, variant, lam), g in keys.groupby(["_s", "_m", "strength", "method", "variant", "lambda"]):
         lines.append(f"| {strength} | {method} | {variant} | {lam:g} | {len(g)} | {_cell(g[SPEED])} | {_cell(g[WALL])} | "
                      f"{_cell(g[MONITOR]) if MONITOR in g else 'not recorded'} | "
-                     + " | ".join(_cell(g[f"time/{s}_s"]) if f"time/{s}_s" in g else "not recorded" for s in EVAL_STEPS)
+                     + " | ".join(_cell(g[f"time/{s}_s"]) if f"time/{s}_s" in g else "not recorded" for s in steps)
                      + " |")
     total = runs[WALL].dropna() if WALL in runs else pd.Series(dtype=float)
     lines += ["", f"Pretraining over the {len(total)} models that recorded it: {total.sum() / 3600:.2f} worker-hours, "
