@@ -500,9 +500,13 @@ def test_a_block_schedule_is_in_the_key_the_name_and_the_experiment(tmp_path):
 def test_committed_premise_study_reuses_the_first_studys_strong_baselines():
     s = load_study("study-premise.yaml")
     models = s.models()
-    assert len(models) == 16 and {k.variant for k in models} == {"baseline"} and {k.seed for k in models} == {0}
+    assert len(models) == 24 and {k.variant for k in models} == {"baseline"} and {k.seed for k in models} == {0, 3}
     assert {k.strength for k in models} == {"none", "default", "strong"}
-    assert {k.epochs for k in models} == {0, 20}
+    assert {k.epochs for k in models} == {0, 10, 15, 20}
+    # the premise at the confirmatory schedule (seed 3): its strong baselines are the confirmatory study's own
+    confirm = {k.name for k in load_study("study-confirm.yaml").models()}
+    at = [k for k in models if k.seed == 3]
+    assert len(at) == 8 and {k.name for k in at if k.strength == "strong"} <= confirm
     done = ledger_mod.done()
     for method in ("simclr", "simsiam", "moco", "byol"):
         assert f"{method}-baseline-strong-seed0" in done           # the first study's, same key: not retrained
