@@ -65,6 +65,16 @@ def choose_epochs(short_epochs: int, short_final: float, curve: pd.DataFrame, ga
     return long_epochs, climbing
 
 
+def _judge_premise(row: dict) -> None:
+    """The gap none − strong of a row's `hue` top-1 and whether the premise holds there (≥ PREMISE_GAP)."""
+    row["gap"] = row["hue_none"] - row["hue_strong"]
+    row["holds"] = None if np.isnan(row["gap"]) else bool(row["gap"] >= PREMISE_GAP)
+
+
+def _holds_text(holds) -> str:
+    return "–" if holds is None or pd.isna(holds) else ("holds" if holds else "does not hold")
+
+
 def _fmt(v, digits: int = 1) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
@@ -79,8 +89,7 @@ def premise_table(runs: pd.DataFrame) -> pd.DataFrame:
             g = short[(short["method"] == method) & (short["strength"] == s)]
             for col, name in ((HUE, "hue"), (GARMENT, "garment"), (GARMENT_KNN, "garment_knn")):
                 row[f"{name}_{s}"] = float(g[col].mean()) if col in g and g[col].notna().any() else float("nan")
-        row["gap"] = row["hue_none"] - row["hue_strong"]
-        row["holds"] = None if np.isnan(row["gap"]) else bool(row["gap"] >= PREMISE_GAP)
+        _judge_premise(row)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -99,8 +108,7 @@ def premise_at_schedule(runs: pd.DataFrame) -> pd.DataFrame:
         for s, c in cell.items():
             for col, name in ((HUE, "hue"), (GARMENT, "garment")):
                 row[f"{name}_{s}"] = float(c[col].iloc[0]) if not c.empty and col in c else float("nan")
-        row["gap"] = row["hue_none"] - row["hue_strong"]
-        row["holds"] = None if np.isnan(row["gap"]) else bool(row["gap"] >= PREMISE_GAP)
+        _judge_premise(row)
         rows.append(row)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     return pd.DataFrame(rows).sort_values("method", key=lambda c: c.map(order)) if rows else pd.DataFrame()
@@ -202,7 +210,7 @@ def build(study: Study, out_dir: Path = Path("reports/study-premise"), ledger: P
               "| method | hue none | hue default | hue strong | none − strong | premise | garment none | "
               "garment default | garment strong |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for _, r in prem.iterrows():
-        holds = "–" if r["holds"] is None or pd.isna(r["holds"]) else ("holds" if r["holds"] else "does not hold")
+        holds = _holds_text(r["holds"])
         lines.append(f"| {r['method']} | {_fmt(r['hue_none'])} | {_fmt(r['hue_default'])} | {_fmt(r['hue_strong'])} | "
                      f"{_fmt(r['gap'])} | {holds} | {_fmt(r['garment_none'])} | {_fmt(r['garment_default'])} | "
                      f"{_fmt(r['garment_strong'])} |")
@@ -248,7 +256,7 @@ def build(study: Study, out_dir: Path = Path("reports/study-premise"), ledger: P
                   "| method | epochs | seed | hue none | hue strong | none − strong | premise | garment none | "
                   "garment strong |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for _, r in at.iterrows():
-            holds = "–" if r["holds"] is None or pd.isna(r["holds"]) else ("holds" if r["holds"] else "does not hold")
+            holds = _holds_text(r["holds"])
             lines.append(f"| {r['method']} | {r['epochs']} | {r['seed']} | {_fmt(r['hue_none'])} | "
                          f"{_fmt(r['hue_strong'])} | {_fmt(r['gap'])} | {holds} | {_fmt(r['garment_none'])} | "
                          f"{_fmt(r['garment_strong'])} |")
