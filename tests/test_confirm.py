@@ -101,6 +101,7 @@ def test_the_confirmatory_report_tests_only_its_own_seeds_and_shows_both_studies
     build(conf, tmp_path / "out", ledger)
     text = (tmp_path / "out" / "README.md").read_text()
     assert "interim: no decision" in text                      # BYOL seed 5 is missing
+    assert f"`python -m stages.study run --study {conf.source}` trains the rest" in text
     assert (tmp_path / "out" / "forest-both.png").exists()
     _record(ledger, ModelKey("byol", "augself", 1.0, "strong", 5), {HUE: base["byol"][5], GARMENT: base["byol"][5]})
     build(conf, tmp_path / "out", ledger)

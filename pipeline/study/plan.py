@@ -99,6 +99,7 @@ class Study:
     report: str = "study"                    # study | premise | confirmatory: which report `report` builds
     report_dir: str = "reports/study"
     compare_with: str | None = None          # confirmatory: the study file whose seeds generated the hypothesis
+    source: str = STUDY_FILE                 # the file it was read from (the report names the command that resumes it)
 
     def models(self) -> list[ModelKey]:
         keys = set()
@@ -200,7 +201,8 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise ConfigError(f"{path}: name must be a non-empty string (it labels the study's runs)")
     return Study(raw["name"], list(seeds), blocks, float(raw.get("minutes_per_model", 2.0)),
-                 dict(raw.get("overrides") or {}), report, str(raw.get("report_dir", "reports/study")), compare_with)
+                 dict(raw.get("overrides") or {}), report, str(raw.get("report_dir", "reports/study")), compare_with,
+                 str(path))
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,9 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
               "Design: [docs/study.md](../../docs/study.md) (committed before any AugSelf run). "
               "Premise curves (baseline only): [premise.png](premise.png), [premise.csv](premise.csv)."), "",
              f"Models finished: **{len(runs)} of {len(planned)}** planned "
-             f"(`make study` trains the rest and rebuilds this page).", "", *lead]
+             + ("(`make study` trains the rest and rebuilds this page)." if study.source == "study.yaml" else
+                f"(`python -m stages.study run --study {study.source}` trains the rest and rebuilds this page)."),
+             "", *lead]
     if runs.empty:
         lines.append("No model of the study has finished yet.")
         (out_dir / "README.md").write_text("\n".join(lines) + "\n")
