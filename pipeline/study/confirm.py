@@ -91,8 +91,15 @@ def t_row(d: dict[int, float], level: float = 0.95) -> tuple[float, float, float
 def study_deltas(study: Study, metric: str, variant: str = "augself", ledger: Path = LEDGER
                  ) -> dict[str, dict[int, float]]:
     """{method: {seed: Δ}} of ``variant`` − baseline on ``metric`` over the models ``study`` plans."""
+    return panel_deltas(study, ledger, [(metric, variant)])[(metric, variant)]
+
+
+def panel_deltas(study: Study, ledger: Path = LEDGER, cells=None) -> dict:
+    """{(metric, variant): {method: {seed: Δ}}} for every (metric, variant) of ``cells`` (default: each task
+    of :data:`PANELS` × AugSelf and CASSLE), the study's ledger records read once."""
+    cells = cells or [(m, v) for m in PANELS for v in ("augself", "cassle")]
     runs, items = read_ledger(ledger, {k.name for k in study.models()})
-    return per_seed_deltas(runs, items, metric, variant=variant, methods=tuple(METHOD_ORDER))
+    return {(m, v): per_seed_deltas(runs, items, m, variant=v, methods=tuple(METHOD_ORDER)) for m, v in cells}
 
 
 def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "confirmatory")) -> bool:
@@ -149,8 +156,7 @@ def _fmt(cell) -> str:
 def lead(study: Study, out_dir: Path, ledger: Path = LEDGER) -> list[str]:
     """The confirmatory report's first sections: the primary test, its outcome, both studies side by side."""
     first_study = load_study(study.compare_with)
-    first = {(m, v): study_deltas(first_study, m, v, ledger) for m in PANELS for v in ("augself", "cassle")}
-    new = {(m, v): study_deltas(study, m, v, ledger) for m in PANELS for v in ("augself", "cassle")}
+    first, new = panel_deltas(first_study, ledger), panel_deltas(study, ledger)
     planned = {k.seed for k in study.models() if k.variant == "augself"}
     primary = new[(PRIMARY, "augself")]
     complete = (set(primary) == set(METHOD_ORDER)
