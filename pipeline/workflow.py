@@ -13,6 +13,7 @@ The evaluation tasks and their files are the records of pipeline.evaluate.tasks;
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from functools import partial
@@ -80,6 +81,8 @@ def monitor_data(params: Params):
 
 def run_pretraining(params: Params, method: str, variant: str, models_dir: Path, track: bool = True,
                     device: str | None = None, max_steps: int | None = None) -> dict:
+    from pipeline.checkpoint_pool import adopt
+    from pipeline.fingerprint import training_hash
     from pipeline.train import checkpoint_resumable, pretrain_request
 
     from pipeline.data import pretrain_images
@@ -94,6 +97,9 @@ def run_pretraining(params: Params, method: str, variant: str, models_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracker = Tracker(params, enabled=params.tracking.enabled and track)
+    # Under the study's queue (AUGSELF_CHECKPOINT_POOL set): the checkpoint an interrupted experiment left
+    # in its own workspace, if any (pipeline.checkpoint_pool); run_state resumes it by its usual checks.
+    adopt(training_hash(request), int(os.environ.get("WORLD_SIZE", "1")), out_dir)
     resuming = checkpoint_resumable(request, out_dir)
     run_id = tracker.start_model_run(request, reuse_run_id=read_run_id(out_dir) if resuming else None)
     if track:

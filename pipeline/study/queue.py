@@ -12,6 +12,9 @@ from pathlib import Path
 
 from pipeline.study.plan import Experiment, dvc_queue_command, parse_queue_status
 
+EXPERIMENT_WORKSPACES = ".dvc/tmp/exps"            # where `dvc exp run --queue` makes each experiment's workspace
+CHECKPOINT_POOL = ".dvc/tmp/checkpoint-pool"       # machine-local, beside them
+
 
 def put_this_interpreter_first_on_path() -> None:
     """`.venv/bin/python -m stages.study run` works without an activated environment: the `dvc` it calls, and
@@ -36,11 +39,25 @@ def keep_workers(jobs: int, status: tuple[dict[str, str], int] | None = None) ->
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def share_checkpoint_pool(workers: int) -> Path:
+    """Name the checkpoint pool (pipeline.checkpoint_pool) to the workers this process starts, and, when no
+    worker is alive, first salvage into it the checkpoints that the interrupted experiments' workspaces
+    hold, so their models resume where they stopped when they are queued again."""
+    from pipeline.checkpoint_pool import POOL_ENV, salvage   # imports torch: only when queueing
+
+    pool = Path(os.environ.setdefault(POOL_ENV, str(Path(CHECKPOINT_POOL).resolve())))
+    if workers == 0:
+        salvage(EXPERIMENT_WORKSPACES, pool)
+    return pool
+
+
 def clear_stale_tasks() -> None:
     """Forget tasks that `dvc queue status` still calls Running while no worker is alive: they were left
     by a machine or worker that stopped (seen at the start of session 6), and a rerun would otherwise skip
-    them as running and wait on them for ever. `dvc queue kill -f` clears such an entry."""
+    them as running and wait on them for ever. `dvc queue kill -f` clears such an entry.  Their models'
+    checkpoints are salvaged first (:func:`share_checkpoint_pool`)."""
     tasks, workers = queue_status()
+    share_checkpoint_pool(workers)
     stale = [name for name, state in tasks.items() if state == "Running"]
     if stale and workers == 0:
         print(f"[study] no queue worker is alive; clearing stale running task(s): {', '.join(stale)}", flush=True)
