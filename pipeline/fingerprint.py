@@ -39,7 +39,7 @@ TRAINING_CODE = ("train.py", "augment.py", "augself.py", "cassle.py", "models.py
                  "augmentations.py")
 # The rest of the pretrain stages' pipeline/ deps: the glue, which logs and writes files but does not
 # change the weights (tests/test_keys.py: TRAINING_CODE + PRETRAIN_GLUE are the stage's deps).
-PRETRAIN_GLUE = ("monitor.py", "tracking.py", "workflow.py", "progress.py", "checkpoint_pool.py")
+PRETRAIN_GLUE = ("monitor.py", "tracking.py", "workflow.py", "progress.py")
 
 
 def training_hash(request: RunRequest) -> str:

@@ -31,6 +31,12 @@ from pipeline.results import collect_items, collect_results
 from pipeline.tracking import RUN_ID_FILE, RUN_INFO_FILE, Tracker, display_uri, read_run_id, tracking_uri
 
 
+# Pretrain glue added after the confirmatory study (issue 24) started.  Listing it in
+# fingerprint.PRETRAIN_GLUE would edit fingerprint.py, which is training code (it defines the hash): every
+# model's training hash would change mid-study (the weights would not, but no interrupted model could
+# resume and final.pt would differ).  Fold it into PRETRAIN_GLUE when the fingerprint next changes anyway.
+PRETRAIN_GLUE_OUTSIDE_FINGERPRINT = ("checkpoint_pool.py",)
+
 def default_device() -> str:
     """Where a stage computes: the CPU, the one GPU, or a GPU this process claimed among several
     (:mod:`pipeline.gpus`: side-by-side queue workers each take a different GPU)."""
