@@ -146,7 +146,7 @@ class Progress:
         self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not self.tty, unit="step",
                         desc=f"{run.request.method}-{run.request.variant}", dynamic_ncols=True, leave=True)
         self.t0 = self.epoch_t0 = time.perf_counter()
-        self.first_step = run.step
+        self.first_step = self.epoch_step0 = run.step     # a resumed run starts mid-epoch
 
     def update(self) -> None:
         self.bar.update(1)
@@ -162,11 +162,11 @@ class Progress:
         losses = run.log.epoch_means(epoch - 1)
         terms = "  ".join(f"{k.removeprefix('pretrain/loss_')} {v:.4f}" for k, v in losses.items())
         knn = "".join(f"  {k.removeprefix('monitor/')} {v:.1f}" for k, v in monitor.items() if k.endswith("knn_top1"))
-        speed = run.steps_per_epoch * run.params.ssl.batch_size / max(now - self.epoch_t0, 1e-9)
+        speed = (run.step - self.epoch_step0) * run.params.ssl.batch_size / max(now - self.epoch_t0, 1e-9)
         eta = (now - self.t0) / max(done, 1) * (run.stop_at - run.step)
         print(f"[pretrain] {run.request.method}-{run.request.variant} epoch {epoch}/{run.params.ssl.epochs}  {terms}{knn}  "
               f"{speed:.0f} img/s  elapsed {_clock(now - self.t0)}  ETA {_clock(eta)}", file=sys.stderr, flush=True)
-        self.epoch_t0 = now
+        self.epoch_t0, self.epoch_step0 = now, run.step
 
     def close(self) -> None:
         self.bar.close()
