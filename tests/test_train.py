@@ -380,3 +380,25 @@ def test_a_narrow_network_trains_on_the_cpu_with_channels_last_on(tmp_path, widt
     proc = subprocess.run([sys.executable, "-c", _NARROW_CHANNELS_LAST_SCRIPT, str(ROOT), str(tmp_path), str(width)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and "trained" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_progress_speed_after_a_mid_epoch_resume_counts_only_the_steps_it_ran(monkeypatch, capsys):
+    """Resumed at step 5 of an 8-step epoch: the first line's images/s is 3 steps' images over their time,
+    not a whole epoch's (the lines after a resume had claimed ≈ 3x the real speed)."""
+    from types import SimpleNamespace
+
+    from pipeline import progress
+
+    clock = iter([0.0, 3.0, 11.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    run = SimpleNamespace(main=True, total_steps=24, step=5, steps_per_epoch=8, stop_at=24,
+                          request=SimpleNamespace(method="simclr", variant="baseline"),
+                          params=SimpleNamespace(ssl=SimpleNamespace(batch_size=16, epochs=3)),
+                          log=SimpleNamespace(epoch_means=lambda epoch: {"pretrain/loss_ssl": 1.0}))
+    bar = progress.Progress(run, enabled=True)
+    for step in (8, 16):
+        run.step = step
+        bar.epoch_done(run, {})
+    bar.close()
+    speeds = re.findall(r"(\d+) img/s", capsys.readouterr().err)
+    assert speeds == ["16", "16"], speeds
