@@ -30,7 +30,7 @@ def build(study: Study):
 
 
 def run(action: str, study: Study, models: list[ModelKey], *, jobs: int = 2, push: str | None = None,
-        remote: str | None = None, pushed: set[str] | None = None, poll: float = 30.0) -> int:
+        remote: str | None = None, pushed: set[str] | None = None, poll: float = 120.0) -> int:
     """One action (``plan``, ``run``, ``export``, ``gather``, ``report``) over ``models`` (the study's, or this
     machine's shard of them).  ``remote`` is the git remote of ``--push`` / ``--from`` and ``pushed`` the
     study's experiments already there (:func:`pipeline.study.share.study_experiments`; updated in place as
