@@ -1,6 +1,7 @@
 """The confirmatory study's pre-registered analysis (pipeline/study/confirm.py, docs/study.md "Pre-registration")."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,9 +102,17 @@ def test_the_confirmatory_report_tests_only_its_own_seeds_and_shows_both_studies
     build(conf, tmp_path / "out", ledger)
     text = (tmp_path / "out" / "README.md").read_text()
     assert "interim: no decision" in text                      # BYOL seed 5 is missing
+    # ... and no secondary row decides either (the first interim page called 2-seed rows "not distinguishable")
+    decision_cell = re.compile(r"\| (\*\*)?(higher|lower|not distinguishable)(\*\*)? \|")
+    assert not decision_cell.search(text) and "| none (interim) |" in text
+    assert "no decision (interim) in 4" in text
     assert f"`python -m stages.study run --study {conf.source}` trains the rest" in text
     assert (tmp_path / "out" / "forest-both.png").exists()
     _record(ledger, ModelKey("byol", "augself", 1.0, "strong", 5), {HUE: base["byol"][5], GARMENT: base["byol"][5]})
+    build(conf, tmp_path / "out", ledger)
+    assert "interim: no decision" in (tmp_path / "out" / "README.md").read_text()    # the CASSLE pairs are planned too
+    for s in range(3, 6):
+        _record(ledger, ModelKey("simclr", "cassle", 0.0, "strong", s), {HUE: base["simclr"][s], GARMENT: base["simclr"][s]})
     build(conf, tmp_path / "out", ledger)
     text = (tmp_path / "out" / "README.md").read_text()
     new = confirm.study_deltas(conf, HUE, ledger=ledger)
@@ -115,6 +124,7 @@ def test_the_confirmatory_report_tests_only_its_own_seeds_and_shows_both_studies
     assert res.estimate < 0.5 and res.p > 0.05
     row = next(line for line in text.splitlines() if line.startswith(f"| {res.estimate:+.2f} |"))
     assert confirm.outcome(res, True) in row and "interim" not in row
+    assert decision_cell.search(text) and "none (interim)" not in text
     assert "| hue, 24-way linear (primary) | pooled |" in text
     sub = confirm.welch_blocked({m: new[m] for m in confirm.PREMISE_HOLDS})
     assert f"Δ {sub.estimate:+.2f} [{sub.low:+.2f}, {sub.high:+.2f}], p {sub.p:.4f}." in text

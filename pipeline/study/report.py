@@ -25,6 +25,29 @@ from pipeline.study.ledger import LEDGER, read_ledger
 from pipeline.study.plan import Study
 
 
+
+# A confirmatory study's page before every planned model has finished: the rows show their estimates and
+# intervals but no decision (the pre-registered stopping rule: fixed n, docs/study.md).  The first interim
+# page labelled SimSiam's 2-seed rows "not distinguishable", as if a test had been read early.
+INTERIM = "none (interim)"
+
+
+def _mark_interim(diff: pd.DataFrame) -> pd.DataFrame:
+    """``diff`` with every decision withheld (``distinguishable`` = :data:`INTERIM`) where one was made."""
+    diff = diff.copy()
+    diff["distinguishable"] = diff["distinguishable"].astype(object).where(diff["n_seeds"] < 2, INTERIM)
+    return diff
+
+
+def _is_interim(r) -> bool:
+    v = r["distinguishable"]
+    return isinstance(v, str) and v == INTERIM
+
+
+def _decision(r) -> str:
+    """The row's decision (``decision_text``), or :data:`INTERIM` on an interim page."""
+    return INTERIM if _is_interim(r) else decision_text(r)
+
 def _fmt_interval(r) -> str:
     """Δ [95 % interval]; a one-seed interval (evaluation noise, no decision) is marked ``1 seed``."""
     return f"{r['delta']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]" + (" (1 seed)" if int(r["n_seeds"]) < 2 else "")
@@ -228,15 +251,17 @@ def _primary_test(diff: pd.DataFrame, confirmatory: bool = False) -> list[str]:
         lines.append(f"| {r['method']} | {r['seeds']} | {r['delta']:+.2f} | "
                      + ("– (1 seed) | – | – | " if one else
                         f"[{r['low']:+.2f}, {r['high']:+.2f}] | {r['t_p']:.3f} | {r['holm_p']:.3f} | ")
-                     + (f"**{decision_text(r)}**" if decided(r) else decision_text(r)) + " | "
+                     + (f"**{_decision(r)}**" if decided(r) else _decision(r)) + " | "
                      + ("–" if one else f"[{r['boot_low']:+.2f}, {r['boot_high']:+.2f}]") + " |")
     return lines + [""]
 
 
 def _direction(r) -> str:
-    d = decision_text(r)
+    d = _decision(r)
     if int(r["n_seeds"]) < 2:
         return "no decision (1 seed)"
+    if _is_interim(r):
+        return "no decision (interim)"
     return {"higher": "higher than the baseline", "lower": "lower than the baseline"}.get(d, "not distinguishable from 0")
 
 
@@ -248,19 +273,24 @@ def _findings(diff: pd.DataFrame) -> list[str]:
     lines = ["## What the numbers show", "",
              "Decisions are the t-test over seeds with Holm across methods (docs/study.md); a method with one "
              "seed is reported with its evaluation-noise interval and no decision.", ""]
+    if any(_is_interim(r) for _, r in rows.iterrows()):
+        lines[-1:] = ["", "**Interim: no decision.** Not every planned model has finished; by the pre-registered "
+                      "stopping rule (fixed n) no row carries a decision until they have, whatever its interval.", ""]
     aug = rows[rows["variant"] == "augself"]
     for task in TASKS:
         t = aug[aug["metric"] == task]
         if t.empty:
             continue
-        said = [decision_text(r) for _, r in t.iterrows()]
-        up, down, none = said.count("higher"), said.count("lower"), said.count(decision_text({"n_seeds": 1}))
+        said = [_decision(r) for _, r in t.iterrows()]
+        up, down, none, interim = (said.count("higher"), said.count("lower"), said.count(decision_text({"n_seeds": 1})),
+                                   said.count(INTERIM))
         per = "; ".join(f"{r['method']} {_fmt_interval(r)} (seeds {r['seeds']}"
                         + ("" if int(r["n_seeds"]) < 2 else f", Holm p {r['holm_p']:.3f}") + ")"
                         for _, r in t.iterrows())
         lines.append(f"* **{TASKS[task]}**, AugSelf λ = 1 − baseline, of {len(t)} method(s): higher in {up}, "
-                     f"lower in {down}, not distinguishable in {len(t) - up - down - none}"
-                     + (f", no decision (1 seed) in {none}" if none else "") + f": {per}.")
+                     f"lower in {down}, not distinguishable in {len(t) - up - down - none - interim}"
+                     + (f", no decision (1 seed) in {none}" if none else "")
+                     + (f", no decision (interim) in {interim}" if interim else "") + f": {per}.")
     cas = rows[rows["variant"] == "cassle"]
     if not cas.empty:
         lines.append("* **CASSLE** − baseline (SimCLR): " + "; ".join(
@@ -304,7 +334,7 @@ def _full_table(diff: pd.DataFrame) -> list[str]:
         lines.append(f"| {r['strength']} | {r['method']} | {r['variant']} | {r['lambda']:g} | {r['label']} | "
                      f"{r['seeds']} | {_fmt_interval(r)} | {r['interval']} | "
                      f"{'–' if one else format(r['holm_p'], '.3f')} | "
-                     f"{'**' + decision_text(r) + '**' if decided(r) else decision_text(r)} | "
+                     f"{'**' + _decision(r) + '**' if decided(r) else _decision(r)} | "
                      f"{'–' if one else '[{:+.2f}, {:+.2f}]'.format(r['boot_low'], r['boot_high'])} |")
     return lines + ["", "</details>", ""]
 
@@ -336,6 +366,8 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
         return out_dir / "README.md"
     missing = sorted({k.name for k in planned} - set(runs["model"]))
     diff = differences(runs, items, notes)
+    if study.report == "confirmatory" and missing and not diff.empty:
+        diff = _mark_interim(diff)
     figures = {"forest.png": False, "lambda.png": False, "strength.png": False}
     if not diff.empty:
         diff.drop(columns=["per_seed"], errors="ignore").to_csv(out_dir / "differences.csv", index=False,
