@@ -25,7 +25,6 @@ from pipeline.study.ledger import LEDGER, read_ledger
 from pipeline.study.plan import Study
 
 
-
 # A confirmatory study's page before every planned model has finished: the rows show their estimates and
 # intervals but no decision (the pre-registered stopping rule: fixed n, docs/study.md).  The first interim
 # page labelled SimSiam's 2-seed rows "not distinguishable", as if a test had been read early.
@@ -47,6 +46,7 @@ def _is_interim(r) -> bool:
 def _decision(r) -> str:
     """The row's decision (``decision_text``), or :data:`INTERIM` on an interim page."""
     return INTERIM if _is_interim(r) else decision_text(r)
+
 
 def _fmt_interval(r) -> str:
     """Δ [95 % interval]; a one-seed interval (evaluation noise, no decision) is marked ``1 seed``."""
@@ -257,12 +257,12 @@ def _primary_test(diff: pd.DataFrame, confirmatory: bool = False) -> list[str]:
 
 
 def _direction(r) -> str:
-    d = _decision(r)
     if int(r["n_seeds"]) < 2:
         return "no decision (1 seed)"
     if _is_interim(r):
         return "no decision (interim)"
-    return {"higher": "higher than the baseline", "lower": "lower than the baseline"}.get(d, "not distinguishable from 0")
+    return {"higher": "higher than the baseline", "lower": "lower than the baseline"}.get(decision_text(r),
+                                                                                       "not distinguishable from 0")
 
 
 def _findings(diff: pd.DataFrame) -> list[str]:
