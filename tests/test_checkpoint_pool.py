@@ -102,9 +102,19 @@ def test_the_runner_salvages_only_when_no_worker_is_alive_and_names_the_pool_to_
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(POOL_ENV, raising=False)
+    assert queue.POOL_ENV == POOL_ENV
     _fake_checkpoint(Path(queue.EXPERIMENT_WORKSPACES) / "tmpx" / "models" / "m" / "checkpoint.pt", step=4)
-    pool = queue.share_checkpoint_pool(workers=1)          # a live worker may be writing these: leave them
-    assert pool == (tmp_path / queue.CHECKPOINT_POOL).resolve() and not pool.exists()
-    assert os.environ[POOL_ENV] == str(pool)               # the workers `dvc queue start` launches inherit it
-    queue.share_checkpoint_pool(workers=0)
+    calls = []
+    monkeypatch.setattr(queue.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw.get("env"))))
+    status = {"now": ({"a": "Running", "b": "Queued"}, 1)}
+    monkeypatch.setattr(queue, "queue_status", lambda: status["now"])
+    queue.clear_stale_tasks()                      # a live worker may be writing these: leave them
+    pool = (tmp_path / queue.CHECKPOINT_POOL).resolve()
+    assert not pool.exists()
+    queue.keep_workers(2)
+    (cmd, env), = calls
+    assert cmd[:3] == ["dvc", "queue", "start"] and env[POOL_ENV] == str(pool)   # the workers it starts know it
+    assert POOL_ENV not in os.environ                                          # and this process is unchanged
+    status["now"] = ({"a": "Running"}, 0)
+    queue.clear_stale_tasks()
     assert ckpt_io.load(pool / entry_name("h1", 1))["step"] == 4

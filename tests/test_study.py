@@ -332,12 +332,13 @@ def test_the_study_runner_tops_the_queue_back_up_to_its_workers(monkeypatch):
     assert len(calls) == 1
 
 
-def test_the_study_runner_clears_running_tasks_that_no_worker_runs(monkeypatch):
+def test_the_study_runner_clears_running_tasks_that_no_worker_runs(monkeypatch, tmp_path):
     """After the machine stopped, `dvc queue status` still listed two tasks as Running with 0 workers; the
     rerun skipped them as running and would have waited on them. They are killed (cleared) only when no
     worker is alive: with a live worker a Running task is real and is left alone."""
     import pipeline.study.queue as queue
 
+    monkeypatch.chdir(tmp_path)          # it salvages ./.dvc/tmp/exps first (tests/test_checkpoint_pool.py)
     calls = []
     monkeypatch.setattr(queue.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     state = {"status": ({"a": "Running", "b": "Queued", "c": "Running"}, 1)}

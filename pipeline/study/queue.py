@@ -14,6 +14,7 @@ from pipeline.study.plan import Experiment, dvc_queue_command, parse_queue_statu
 
 EXPERIMENT_WORKSPACES = ".dvc/tmp/exps"            # where `dvc exp run --queue` makes each experiment's workspace
 CHECKPOINT_POOL = ".dvc/tmp/checkpoint-pool"       # machine-local, beside them
+POOL_ENV = "AUGSELF_CHECKPOINT_POOL"   # pipeline.checkpoint_pool.POOL_ENV (not imported here: it imports torch)
 
 
 def put_this_interpreter_first_on_path() -> None:
@@ -35,29 +36,38 @@ def keep_workers(jobs: int, status: tuple[dict[str, str], int] | None = None) ->
     :func:`queue_status` just read (each `dvc queue status` costs ≈ 3.6 s of CPU, beside the study's workers)."""
     tasks, workers = queue_status() if status is None else status
     if workers < jobs and "Queued" in tasks.values():
-        subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=False,
+        subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=False, env=worker_env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def share_checkpoint_pool(workers: int) -> Path:
-    """Name the checkpoint pool (pipeline.checkpoint_pool) to the workers this process starts, and, when no
-    worker is alive, first salvage into it the checkpoints that the interrupted experiments' workspaces
-    hold, so their models resume where they stopped when they are queued again."""
-    from pipeline.checkpoint_pool import POOL_ENV, salvage   # imports torch: only when queueing
+def checkpoint_pool() -> Path:
+    """Where this project's salvaged checkpoints go (pipeline.checkpoint_pool); ``$AUGSELF_CHECKPOINT_POOL``
+    when set."""
+    return Path(os.environ.get(POOL_ENV) or Path(CHECKPOINT_POOL).resolve())
 
-    pool = Path(os.environ.setdefault(POOL_ENV, str(Path(CHECKPOINT_POOL).resolve())))
-    if workers == 0:
-        salvage(EXPERIMENT_WORKSPACES, pool)
-    return pool
+
+def worker_env() -> dict[str, str]:
+    """The environment of the queue workers: this one, with the checkpoint pool named, so the pretrain stages
+    they run adopt what :func:`salvage_interrupted` saved."""
+    return {**os.environ, POOL_ENV: str(checkpoint_pool())}
+
+
+def salvage_interrupted() -> None:
+    """Save the checkpoints that interrupted experiments' workspaces hold into the pool, so their models
+    resume where they stopped when they are queued again.  Only while no worker is alive."""
+    from pipeline.checkpoint_pool import salvage   # imports torch: only when there is something to salvage
+
+    salvage(EXPERIMENT_WORKSPACES, checkpoint_pool())
 
 
 def clear_stale_tasks() -> None:
     """Forget tasks that `dvc queue status` still calls Running while no worker is alive: they were left
     by a machine or worker that stopped (seen at the start of session 6), and a rerun would otherwise skip
     them as running and wait on them for ever. `dvc queue kill -f` clears such an entry.  Their models'
-    checkpoints are salvaged first (:func:`share_checkpoint_pool`)."""
+    checkpoints are salvaged first (:func:`salvage_interrupted`)."""
     tasks, workers = queue_status()
-    share_checkpoint_pool(workers)
+    if workers == 0:
+        salvage_interrupted()
     stale = [name for name, state in tasks.items() if state == "Running"]
     if stale and workers == 0:
         print(f"[study] no queue worker is alive; clearing stale running task(s): {', '.join(stale)}", flush=True)
