@@ -12,6 +12,11 @@ starts.  Nothing here decides whether to resume: :mod:`pipeline.run_state` check
 any other (same hash, same world size, a readable checkpoint) and the resumed run is bit-identical to an
 uninterrupted one (tests/test_train.py::test_resume_is_exact, tests/test_checkpoint_pool.py).
 
+The model's MLflow run goes with its checkpoint (``<entry>.mlflow_run_id`` beside it in the pool), so the
+resumed model logs on into the run it started instead of opening a second one; the study runner ends the
+interrupted runs as KILLED when it salvages (:func:`pipeline.study.queue.salvage_interrupted`), and the
+resumed model sets its run back to RUNNING.
+
 Without the variable (``dvc repro``, ``make repro``) nothing changes: a run resumes only from its own
 ``models/<name>/checkpoint.pt``.
 """
@@ -25,8 +30,9 @@ from pathlib import Path
 
 from pipeline import checkpoint as ckpt_io
 from pipeline.progress import say
+from pipeline.tracking import RUN_ID_FILE
 
-__all__ = ["POOL_ENV", "entry_name", "salvage", "adopt"]
+__all__ = ["POOL_ENV", "entry_name", "run_id_entry", "salvage", "adopt"]
 
 POOL_ENV = "AUGSELF_CHECKPOINT_POOL"
 CHECKPOINT = "checkpoint.pt"      # pipeline.run_state.CHECKPOINT (not imported: run_state imports torch models)
@@ -35,6 +41,11 @@ CHECKPOINT = "checkpoint.pt"      # pipeline.run_state.CHECKPOINT (not imported:
 def entry_name(params_hash: str, world_size: int) -> str:
     """The pool's file name for a checkpoint that resumes ``params_hash`` with ``world_size`` processes."""
     return f"{params_hash}-w{world_size}.pt"
+
+
+def run_id_entry(entry: Path) -> Path:
+    """The pool's file for the MLflow run id of the model whose checkpoint is ``entry``."""
+    return entry.with_suffix("." + RUN_ID_FILE)
 
 
 def _resume_key(state: dict) -> tuple[str, int] | None:
@@ -74,6 +85,11 @@ def salvage(workspaces: str | Path, pool: str | Path) -> list[Path]:
             except Exception:
                 pass      # a damaged pool entry: replace it
         _copy_atomic(path, dest)
+        run_id = path.parent / RUN_ID_FILE
+        if run_id.exists():
+            _copy_atomic(run_id, run_id_entry(dest))
+        else:
+            run_id_entry(dest).unlink(missing_ok=True)    # a run id left by an earlier, shorter entry is not this one's
         copied.append(path)
         print(f"[study] salvaged {path.parent.name} at step {state['step']}/{state.get('total_steps', '?')} "
               f"from {path.parents[2].name} into {dest}", flush=True)
@@ -83,7 +99,8 @@ def salvage(workspaces: str | Path, pool: str | Path) -> list[Path]:
 def adopt(params_hash: str, world_size: int, out_dir: str | Path, pool: str | Path | None = None) -> bool:
     """Put the pool's checkpoint for (``params_hash``, ``world_size``) at ``out_dir/checkpoint.pt`` when
     ``out_dir`` has none; ``pool`` defaults to ``$AUGSELF_CHECKPOINT_POOL`` (unset: nothing happens).
-    True when a checkpoint was adopted; the run then resumes it by run_state's usual checks."""
+    True when a checkpoint was adopted; the run then resumes it by run_state's usual checks.  The model's
+    MLflow run id comes with it (when the pool has one and ``out_dir`` none), so the run goes on logging there."""
     pool = pool if pool is not None else os.environ.get(POOL_ENV)
     if not pool:
         return False
@@ -92,4 +109,7 @@ def adopt(params_hash: str, world_size: int, out_dir: str | Path, pool: str | Pa
         return False
     _copy_atomic(src, dest)
     say(f"adopted {src} (salvaged from an interrupted experiment) as {dest}")
+    run_id, own_run_id = run_id_entry(src), Path(out_dir) / RUN_ID_FILE
+    if run_id.exists() and not own_run_id.exists():
+        _copy_atomic(run_id, own_run_id)
     return True

@@ -368,14 +368,25 @@ class Tracker:
             self.client.delete_run(run.info.run_id)
         return first
 
+    def _holds_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
     # -- API used by the stages ---------------------------------------------------------------
     def start_model_run(self, request: RunRequest, reuse_run_id: str | None = None) -> str | None:
-        """Create the model's run (or reuse ``reuse_run_id`` when resuming) and log params + tags."""
+        """Create the model's run (or reuse ``reuse_run_id`` when resuming) and log params + tags.  A
+        ``reuse_run_id`` this store does not hold (the checkpoint came from another store's run) gets a new run."""
         def create() -> str:
-            if reuse_run_id:
-                run = self.client.get_run(reuse_run_id)
-                self.client.update_run(run.info.run_id, status="RUNNING")
-                return run.info.run_id
+            if reuse_run_id and self._holds_run(reuse_run_id):
+                self.client.update_run(reuse_run_id, status="RUNNING")
+                return reuse_run_id
             tags = {**source_tags(), **run_tags(request)}
             experiment = self.experiment_id()
             tags["mlflow.parentRunId"] = self.group_run_id(experiment, tags["group"])

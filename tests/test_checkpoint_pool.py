@@ -118,3 +118,48 @@ def test_the_runner_salvages_only_when_no_worker_is_alive_and_names_the_pool_to_
     status["now"] = ({"a": "Running"}, 0)
     queue.clear_stale_tasks()
     assert ckpt_io.load(pool / entry_name("h1", 1))["step"] == 4
+
+
+def test_the_resumed_model_logs_on_into_the_mlflow_run_it_started(tmp_path, monkeypatch, one_thread):
+    """One model, one MLflow run: the interrupted run is ended KILLED by the runner, and the model resumed in a
+    new workspace reopens it (RUNNING, then FINISHED) instead of leaving it RUNNING beside a second run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.study.queue import end_interrupted_runs
+    from pipeline.tracking import RUN_ID_FILE
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv(POOL_ENV, raising=False)
+    params = tracked_params(tmp_path, checkpoint_every=1)
+    killed = tmp_path / "exps" / "tmpkilled" / "models"
+    run_pretraining(params, "simclr", "augself", killed, device="cpu", track=True, max_steps=1)
+    client = MlflowClient()
+    run_id = (killed / MODEL / RUN_ID_FILE).read_text()
+    client.update_run(run_id, status="RUNNING")            # as a worker killed mid-run leaves it
+    assert end_interrupted_runs(tmp_path / "exps") == [run_id]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert end_interrupted_runs(tmp_path / "exps") == []   # a second salvage leaves an ended run alone
+
+    salvage(tmp_path / "exps", tmp_path / "pool")
+    monkeypatch.setenv(POOL_ENV, str(tmp_path / "pool"))
+    resumed = tmp_path / "exps" / "tmpnew" / "models"
+    run_pretraining(params, "simclr", "augself", resumed, device="cpu", track=True)
+    assert (resumed / MODEL / RUN_ID_FILE).read_text() == run_id
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id],
+                              filter_string=f"attributes.run_name = '{client.get_run(run_id).info.run_name}'")
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_run_id_from_another_store_gets_a_new_run_instead_of_disabling_tracking(tmp_path, monkeypatch):
+    import dataclasses as dc
+
+    from pipeline.request import RunRequest
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = tracked_params(tmp_path)
+    params = dc.replace(params, tracking=dc.replace(params.tracking, enabled=True))
+    tracker = Tracker(params)
+    run_id = tracker.start_model_run(RunRequest.resolve(params, "simclr", "augself"), reuse_run_id="0" * 32)
+    assert run_id and run_id != "0" * 32 and not tracker.failed

@@ -54,10 +54,39 @@ def worker_env() -> dict[str, str]:
 
 def salvage_interrupted() -> None:
     """Save the checkpoints that interrupted experiments' workspaces hold into the pool, so their models
-    resume where they stopped when they are queued again.  Only while no worker is alive."""
+    resume where they stopped when they are queued again, and end those experiments' MLflow runs that still
+    say RUNNING as KILLED (their process died with the worker; a resumed model sets its run back to RUNNING).
+    Only while no worker is alive."""
     from pipeline.checkpoint_pool import salvage   # imports torch: only when there is something to salvage
 
     salvage(EXPERIMENT_WORKSPACES, checkpoint_pool())
+    end_interrupted_runs(EXPERIMENT_WORKSPACES)
+
+
+def end_interrupted_runs(workspaces: str | Path) -> list[str]:
+    """Set KILLED each MLflow run that a model of ``workspaces/tmp*`` logs to and that is still RUNNING;
+    returns their ids.  Runs of other machines sharing the tracking server are never touched: only the run
+    ids written in this repository's own interrupted workspaces are read."""
+    from pipeline.tracking import RUN_ID_FILE, tracking_uri
+
+    run_ids = sorted({text for f in Path(workspaces).glob(f"tmp*/models/*/{RUN_ID_FILE}")
+                      if (text := f.read_text().strip())})
+    if not run_ids:
+        return []
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client, ended = MlflowClient(tracking_uri=tracking_uri()), []
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")
+                ended.append(run_id)
+                print(f"[study] MLflow run {run_id} ({run.info.run_name}) was interrupted: set KILLED", flush=True)
+        except MlflowException as e:      # another store's run, or the store unreachable: the study goes on
+            print(f"[study] could not end MLflow run {run_id}: {str(e).splitlines()[0][:200]}", flush=True)
+    return ended
 
 
 def clear_stale_tasks() -> None:
