@@ -100,7 +100,8 @@ def adopt(params_hash: str, world_size: int, out_dir: str | Path, pool: str | Pa
     """Put the pool's checkpoint for (``params_hash``, ``world_size``) at ``out_dir/checkpoint.pt`` when
     ``out_dir`` has none; ``pool`` defaults to ``$AUGSELF_CHECKPOINT_POOL`` (unset: nothing happens).
     True when a checkpoint was adopted; the run then resumes it by run_state's usual checks.  The model's
-    MLflow run id comes with it (when the pool has one and ``out_dir`` none), so the run goes on logging there."""
+    MLflow run id comes with it (when the pool has one and ``out_dir`` none), so the run goes on logging there.
+    The entry leaves the pool."""
     pool = pool if pool is not None else os.environ.get(POOL_ENV)
     if not pool:
         return False
@@ -112,4 +113,8 @@ def adopt(params_hash: str, world_size: int, out_dir: str | Path, pool: str | Pa
     run_id, own_run_id = run_id_entry(src), Path(out_dir) / RUN_ID_FILE
     if run_id.exists() and not own_run_id.exists():
         _copy_atomic(run_id, own_run_id)
+    # Moved, not copied: the pool holds only what waits to resume.  Interrupted again, this workspace's own
+    # checkpoint (the adopted one, or a later one) is what the next salvage finds.
+    src.unlink()
+    run_id.unlink(missing_ok=True)
     return True

@@ -95,6 +95,7 @@ def test_adopt_never_replaces_a_workspaces_own_checkpoint_and_needs_the_same_key
     (tmp_path / "b").mkdir()
     assert adopt("h1", 1, tmp_path / "b", pool)
     assert ckpt_io.load(tmp_path / "b" / "checkpoint.pt")["step"] == 7
+    assert not (pool / entry_name("h1", 1)).exists()        # moved: the pool keeps only what waits to resume
 
 
 def test_the_runner_salvages_only_when_no_worker_is_alive_and_names_the_pool_to_its_workers(tmp_path, monkeypatch):
@@ -115,9 +116,11 @@ def test_the_runner_salvages_only_when_no_worker_is_alive_and_names_the_pool_to_
     (cmd, env), = calls
     assert cmd[:3] == ["dvc", "queue", "start"] and env[POOL_ENV] == str(pool)   # the workers it starts know it
     assert POOL_ENV not in os.environ                                          # and this process is unchanged
+    assert (Path(queue.EXPERIMENT_WORKSPACES) / "tmpx").exists()
     status["now"] = ({"a": "Running"}, 0)
     queue.clear_stale_tasks()
     assert ckpt_io.load(pool / entry_name("h1", 1))["step"] == 4
+    assert not list(Path(queue.EXPERIMENT_WORKSPACES).glob("tmp*"))   # salvaged, then deleted as DVC would have
 
 
 def test_the_resumed_model_logs_on_into_the_mlflow_run_it_started(tmp_path, monkeypatch, one_thread):

@@ -6,6 +6,7 @@ up (no scheduler, no state of its own).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,22 @@ def clear_stale_tasks() -> None:
         print(f"[study] no queue worker is alive; clearing stale running task(s): {', '.join(stale)}", flush=True)
         subprocess.run(["dvc", "queue", "kill", "-f", *stale], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if workers == 0:
+        remove_interrupted_workspaces()
+
+
+def remove_interrupted_workspaces() -> None:
+    """Delete the workspaces interrupted experiments left (``.dvc/tmp/exps/tmp*``), once salvaged: DVC deletes
+    an experiment's workspace when the experiment ends and never reuses one, so those of dead workers only
+    fill the disk (≈ 75–110 MB each) and would be salvaged again at every restart.  Checked again just before:
+    only while no worker is alive."""
+    workspaces = sorted(Path(EXPERIMENT_WORKSPACES).glob("tmp*"))
+    if not workspaces or queue_status()[1] > 0:
+        return
+    for d in workspaces:
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"[study] removed {len(workspaces)} interrupted experiment workspace(s) under {EXPERIMENT_WORKSPACES}",
+          flush=True)
 
 
 def queue_experiments(experiments: list[Experiment], overrides: dict, jobs: int) -> None:
