@@ -79,6 +79,21 @@ def _fmt(v, digits: int = 1) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _premise_rows(table: pd.DataFrame, hue: list[str], garment: list[str], keys: tuple[str, ...] | list[str] = ()
+                  ) -> list[str]:
+    """A premise table in markdown: the method (and ``keys``), the ``hue`` columns, the gap and whether the
+    premise holds, the ``garment`` columns (column ``hue_none`` is headed "hue none")."""
+    heads = ["method", *keys, *(c.replace("_", " ") for c in hue), "none − strong", "premise",
+             *(c.replace("_", " ") for c in garment)]
+    align = ["---", *["---:"] * (len(keys) + len(hue) + 1), "---", *["---:"] * len(garment)]
+    rows = ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|"]
+    for _, r in table.iterrows():
+        cells = [r["method"], *(str(r[k]) for k in keys), *(_fmt(r[c]) for c in hue), _fmt(r["gap"]),
+                 _holds_text(r["holds"]), *(_fmt(r[c]) for c in garment)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def premise_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per method: hue / garment linear top-1 at each strength (params.yaml's schedule, seed mean), the gap."""
     short = runs[runs["epochs"].isna()] if "epochs" in runs else runs
@@ -207,14 +222,8 @@ def build(study: Study, out_dir: Path = Path("reports/study-premise"), ledger: P
               f"`hue` (24 classes) and garment (10 classes) linear top-1 (%) of the baseline at each colour strength. "
               f"The premise holds for a method when its `hue` top-1 at `strong` is at least {PREMISE_GAP:g} points "
               "below `none` (no colour jitter, no grayscale): the rule of docs/study.md step 1.", "",
-              "| method | hue none | hue default | hue strong | none − strong | premise | garment none | "
-              "garment default | garment strong |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for _, r in prem.iterrows():
-        holds = _holds_text(r["holds"])
-        lines.append(f"| {r['method']} | {_fmt(r['hue_none'])} | {_fmt(r['hue_default'])} | {_fmt(r['hue_strong'])} | "
-                     f"{_fmt(r['gap'])} | {holds} | {_fmt(r['garment_none'])} | {_fmt(r['garment_default'])} | "
-                     f"{_fmt(r['garment_strong'])} |")
-    lines.append("")
+              *_premise_rows(prem, ["hue_none", "hue_default", "hue_strong"],
+                             ["garment_none", "garment_default", "garment_strong"]), ""]
     sched = schedule_table(runs, curves, short_epochs)
     for f in ("schedule.csv", "schedule.png"):               # a file whose data is gone must not outlive it
         if (out_dir / f).exists():
@@ -253,14 +262,8 @@ def build(study: Study, out_dir: Path = Path("reports/study-premise"), ledger: P
                   "The baseline at `none` and `strong` on the same seed, at the schedule the rule above chose "
                   "(docs/study.md, pre-registration; the `strong` one is the confirmatory study's baseline of "
                   "that seed). It changes nothing in the confirmatory tests.", "",
-                  "| method | epochs | seed | hue none | hue strong | none − strong | premise | garment none | "
-                  "garment strong |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-        for _, r in at.iterrows():
-            holds = _holds_text(r["holds"])
-            lines.append(f"| {r['method']} | {r['epochs']} | {r['seed']} | {_fmt(r['hue_none'])} | "
-                         f"{_fmt(r['hue_strong'])} | {_fmt(r['gap'])} | {holds} | {_fmt(r['garment_none'])} | "
-                         f"{_fmt(r['garment_strong'])} |")
-        lines.append("")
+                  *_premise_rows(at, ["hue_none", "hue_strong"], ["garment_none", "garment_strong"],
+                                 keys=["epochs", "seed"]), ""]
     if schedule_figure(runs, curves, short_epochs, out_dir / "schedule.png"):
         lines += ["![kNN curves of the long arm](schedule.png)", ""]
     missing = sorted(planned - set(runs["model"]))
