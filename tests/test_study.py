@@ -1,6 +1,7 @@
 """The study's plan, ledger and report (pipeline/study/), and the premise's probes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,48 @@ Worker status: 2 active, 0 idle
     assert parse_queue_status(text) == ({"study-strong-lam1-s0-ba-au-moco": "Running",
                                          "study-strong-lam0.25-s0-au-simclr": "Queued"}, 2)
     assert parse_queue_status("No experiment tasks in the queue.\n") == ({}, 0)
+    between_tasks = text.replace("2 active, 0 idle", "1 active, 1 idle")      # a worker between two tasks lives
+    assert parse_queue_status(between_tasks)[1] == 2
+
+
+def test_a_worker_too_busy_to_answer_dvc_queue_status_still_counts_as_alive(monkeypatch, tmp_path):
+    """`dvc queue status` counts the workers that answer celery's 1-s broadcast; a busy one can miss it (session
+    12: the runner started a duplicate worker, three experiments on two cores).  The process table counts it, so
+    no worker is added and nothing of the live workspaces is salvaged, deleted or killed."""
+    import hashlib
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import pipeline.study.queue as queue
+
+    monkeypatch.chdir(tmp_path)
+    workspace = Path(queue.EXPERIMENT_WORKSPACES) / "tmplive"
+    workspace.mkdir(parents=True)
+    celery = str((Path(queue.EXPERIMENT_WORKSPACES) / "celery").resolve())
+    node = f"dvc-exp-{hashlib.sha256(celery.encode()).hexdigest()[:6]}-2@localhost"
+    other = "dvc-exp-000000-1@localhost"                                     # another repository's worker
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "exp", "queue-worker", n])
+             for n in (node, other)]
+    try:
+        calls = []
+
+        def run(cmd, **kw):
+            calls.append(cmd)
+            return SimpleNamespace(stdout="Task  Name  Created  Status\n1  a  01:00 AM  Running\n"
+                                          "2  b  01:00 AM  Queued\n\nWorker status: 0 active, 0 idle\n")
+
+        monkeypatch.setattr(queue.subprocess, "run", run)
+        assert queue.worker_processes() == [procs[0].pid]
+        assert queue.queue_status()[1] == 1
+        queue.keep_workers(1)
+        queue.clear_stale_tasks()
+        assert [c[:3] for c in calls if c[:3] != ["dvc", "queue", "status"]] == []
+        assert workspace.exists()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_report_says_what_the_numbers_show_whichever_way_they_fall(tmp_path):

@@ -271,7 +271,8 @@ def dvc_queue_command(exp: Experiment, extra: dict | None = None) -> list[str]:
 
 
 def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
-    """``({experiment name: "Queued" | "Running"}, active workers)`` from ``dvc queue status``'s table."""
+    """``({experiment name: "Queued" | "Running"}, workers)`` from ``dvc queue status``'s table; the workers
+    are the active and the idle ones (a worker between two tasks is idle, not gone)."""
     import re
 
     tasks = {}
@@ -279,8 +280,8 @@ def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
         parts = line.split()
         if len(parts) >= 3 and parts[-1] in ("Queued", "Running"):
             tasks[parts[1]] = parts[-1]
-    workers = re.search(r"Worker status: (\d+) active", text)
-    return tasks, int(workers.group(1)) if workers else 0
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
+    return tasks, int(workers.group(1)) + int(workers.group(2)) if workers else 0
 
 
 def parse_shard(text: str) -> tuple[int, int]:

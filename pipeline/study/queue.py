@@ -27,8 +27,34 @@ def put_this_interpreter_first_on_path() -> None:
 
 
 def queue_status() -> tuple[dict[str, str], int]:
-    """({task name: Queued / Running} of the tasks not finished, active workers) of `dvc queue status`."""
-    return parse_queue_status(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout)
+    """({task name: Queued / Running} of the tasks not finished, live workers): the tasks of `dvc queue
+    status`; the workers, the larger of its count and :func:`worker_processes` (its count misses a busy one)."""
+    tasks, workers = parse_queue_status(subprocess.run(["dvc", "queue", "status"], capture_output=True,
+                                                       text=True).stdout)
+    return tasks, max(workers, len(worker_processes()))
+
+
+def worker_processes() -> list[int]:
+    """The pids of this repository's DVC queue workers (`dvc exp queue-worker dvc-exp-<hash>-<n>@localhost`,
+    ``<hash>`` from DVC's celery folder ``.dvc/tmp/exps/celery``), read from the process table.
+
+    `dvc queue status` counts the workers that answer celery's broadcast within its timeout (1 s), and a
+    worker busy on a loaded 2-core machine can miss it: in session 12 the runner, told 1 worker of 2,
+    ran `dvc queue start -j 2`, whose own check missed the same worker and started a second one of its name,
+    so three experiments shared two cores.  Counted that way, a salvage could also take live workers for
+    dead ones (:func:`clear_stale_tasks`)."""
+    import hashlib
+
+    import psutil
+
+    celery_dir = str(Path(EXPERIMENT_WORKSPACES, "celery").resolve())
+    prefix = f"dvc-exp-{hashlib.sha256(celery_dir.encode()).hexdigest()[:6]}-"
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "queue-worker" in cmd and any(a.startswith(prefix) and a.endswith("@localhost") for a in cmd):
+            pids.append(proc.pid)
+    return pids
 
 
 def keep_workers(jobs: int, status: tuple[dict[str, str], int] | None = None) -> None:
