@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from pipeline.study import confirm
+from pipeline.study.figures import PRIMARY
 from pipeline.study.plan import ModelKey, load_study
 from pipeline.study.power import blocked_welch_test
 from pipeline.study.report import build
@@ -143,3 +144,19 @@ def test_a_confirmatory_study_names_the_study_it_confirms(tmp_path):
     p.write_text(p.read_text().replace("report: confirmatory\n", "report: confirmatory\ncompare_with: nope.yaml\n"))
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_study(p)
+
+
+def test_a_filled_marker_is_the_design_tests_rejection_not_an_interval_that_misses_zero():
+    """Per method the decision is Holm across the four: three methods whose own intervals miss 0 but whose
+    Holm p does not pass stay hollow; the pooled row is filled only as the confirmatory primary test (the first
+    study's pooled test was chosen after its data); SimCLR's CASSLE by its uncorrected t."""
+    clear = {s: 3.0 + 0.1 * s for s in range(7)}                        # p ≈ 1e-9: rejected after Holm too
+    borderline = dict(enumerate([1.0, 2.0, 0.3, 1.6, 0.4]))             # unadjusted p ≈ 0.033 each
+    assert stats.ttest_1samp(list(borderline.values()), 0).pvalue < 0.05
+    study = {(PRIMARY, "augself"): {"simclr": clear, "simsiam": borderline, "moco": dict(borderline),
+                                    "byol": dict(borderline)},
+             (PRIMARY, "cassle"): {"simclr": dict(borderline)}}
+    assert all(confirm.t_row(d)[1] > 0 for d in study[(PRIMARY, "augself")].values())   # every interval misses 0
+    rows = confirm.rejected_rows(study, PRIMARY, pooled_is_test=True)
+    assert rows == {("augself", "simclr"), ("augself", "pooled"), ("cassle", "simclr")}
+    assert ("augself", "pooled") not in confirm.rejected_rows(study, PRIMARY, pooled_is_test=False)

@@ -15,7 +15,8 @@ across the methods, the secondary tests) with, above it:
   planned pair of the primary test has finished: an interim table is shown, labelled so, with no
   decision (the stopping rule is the planned n, never the data).
 * **the first and the confirmatory study side by side** (:func:`forest_both`, ``forest-both.png``): per
-  method and pooled, the first study's seeds (which generated the hypothesis) and the new ones.
+  method and pooled, the first study's seeds (which generated the hypothesis) and the new ones; a filled
+  marker is a rejection by the design's test (:func:`rejected_rows`), never an interval that merely misses 0.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from pipeline.stats import holm, t_test_p
 from pipeline.study.figures import METHOD_ORDER, PRIMARY, pyplot
 from pipeline.study.ledger import LEDGER, done, read_ledger
 from pipeline.study.plan import Study, load_study
@@ -102,10 +104,33 @@ def panel_deltas(study: Study, ledger: Path = LEDGER, cells=None) -> dict:
     return {(m, v): per_seed_deltas(runs, items, m, variant=v, methods=tuple(METHOD_ORDER)) for m, v in cells}
 
 
-def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "confirmatory")) -> bool:
+def rejected_rows(study: dict, metric: str, pooled_is_test: bool, alpha: float = ALPHA) -> set[tuple[str, str]]:
+    """The (variant, method) rows of one task whose Δ = 0 the design's tests reject (docs/study.md): each
+    method's AugSelf Δ by the t-test over seeds, Holm across the methods; SimCLR's CASSLE Δ by the t-test,
+    uncorrected (one method); the pooled row by :func:`welch_blocked` only where ``pooled_is_test`` (the
+    confirmatory study's primary task: the first study's pooled test was chosen after its data, and the
+    other tasks' pooled rows were never tests)."""
+    per = study.get((metric, "augself")) or {}
+    methods = [m for m in METHOD_ORDER if m in per]
+    adjusted = holm([t_test_p(list(per[m].values())) for m in methods])
+    rows = {("augself", m) for m, p in zip(methods, adjusted) if p is not None and p < alpha}
+    cassle = (study.get((metric, "cassle")) or {}).get("simclr")
+    p = t_test_p(list(cassle.values())) if cassle else None
+    if p is not None and p < alpha:
+        rows.add(("cassle", "simclr"))
+    pooled = welch_blocked(per) if pooled_is_test else None
+    if pooled is not None and pooled.p < alpha:
+        rows.add(("augself", "pooled"))
+    return rows
+
+
+def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "confirmatory"),
+                complete: bool = True) -> bool:
     """One panel per task of :data:`PANELS`: per method (AugSelf, then SimCLR's CASSLE) and pooled, the two
     studies' Δ with their 95 % intervals (t over seeds; pooled: :func:`welch_blocked`).  ``first`` and
-    ``confirm`` map (metric, variant) to {method: {seed: Δ}}.  Filled marker: the interval excludes 0."""
+    ``confirm`` map (metric, variant) to {method: {seed: Δ}}.  Filled marker: the design's test rejects
+    Δ = 0 (:func:`rejected_rows`); on the confirmatory side only once it is ``complete`` (no decision before
+    every planned model is in), so a filled marker is never an interval that merely misses 0."""
     panels = [m for m in PANELS if any(first.get((m, "augself"))) or any(confirm.get((m, "augself")))]
     if not panels:
         return False
@@ -119,6 +144,8 @@ def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "
     for ax, metric in zip(axes[0], panels):
         for j, (study, colour, off) in enumerate(((first, "0.55", -0.15), (confirm, "C0", 0.15))):
             label = labels[j]
+            decided = (rejected_rows(study, metric, pooled_is_test=j == 1 and metric == PRIMARY)
+                       if j == 0 or complete else set())
             for i, (variant, method) in enumerate(rows):
                 per = study.get((metric, variant)) or {}
                 if method == "pooled":
@@ -130,7 +157,7 @@ def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "
                     continue
                 y = len(rows) - 1 - i + off
                 mid, lo, hi = cell
-                filled = lo > 0 or hi < 0
+                filled = (variant, method) in decided
                 ax.plot([lo, hi], [y, y], color=colour, lw=2)
                 ax.plot([mid], [y], "s" if method == "pooled" else "o", color=colour,
                         mfc=colour if filled else "white", label=label)
@@ -141,8 +168,10 @@ def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "
     axes[0][0].set_yticks(range(len(rows)))
     axes[0][0].set_yticklabels(list(reversed(names)))
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle("AugSelf λ = 1 (and CASSLE) − baseline, strong colour\nfirst study (seeds 0–2, generated the "
-                 "hypothesis) vs confirmatory; filled marker: the interval excludes 0", fontsize=9)
+    fig.suptitle("AugSelf λ = 1 (and CASSLE) − baseline, strong colour: first study (seeds 0–2, generated the "
+                 "hypothesis) vs confirmatory\nfilled marker: the design's test rejects Δ = 0 (per method: t over "
+                 "seeds, Holm across the four; CASSLE: t; pooled: the primary test, confirmatory hue linear only)"
+                 + ("" if complete else "; confirmatory: interim, no decision"), fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -183,14 +212,17 @@ def lead(study: Study, out_dir: Path, ledger: Path = LEDGER) -> list[str]:
         lines += [f"Secondary, pre-registered: the same test over the methods whose premise holds "
                   f"({', '.join(PREMISE_HOLDS)}): Δ {sub.estimate:+.2f} [{sub.low:+.2f}, {sub.high:+.2f}], "
                   f"p {sub.p:.4f}" + ("" if complete else " (interim)") + ".", ""]
-    drawn = forest_both(first, new, out_dir / "forest-both.png")
+    drawn = forest_both(first, new, out_dir / "forest-both.png", complete=complete)
     if not drawn and (out_dir / "forest-both.png").exists():
         (out_dir / "forest-both.png").unlink()
     lines += ["## The first study and the confirmatory one, side by side", "",
               "Per method: mean of the per-seed paired Δ and its t-interval over seeds; pooled: the primary test "
               "above (for the first study computed after the fact on seeds 0–2, which generated the hypothesis; "
               "not a test). The per-method decisions (t over seeds, Holm across the four methods) are the "
-              "secondary tests, in the tables below.", ""]
+              "secondary tests, in the tables below. In the figure a filled marker is a rejection by that test "
+              "(CASSLE: t over seeds; pooled: the primary test, on the confirmatory `hue` linear only), never an "
+              "interval that merely misses 0" + ("" if complete else "; the confirmatory side has none before "
+              "every planned model is in") + ".", ""]
     if drawn:
         lines += ["![first and confirmatory study](forest-both.png)", ""]
     lines += ["| task | method | first study (seeds 0–2) | confirmatory |", "|---|---|---|---|"]
