@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from pipeline.stats import holm, t_test_p
+from pipeline.stats import holm, t_interval, t_test_p
 from pipeline.study.figures import METHOD_ORDER, PRIMARY, pyplot
 from pipeline.study.ledger import LEDGER, done, read_ledger
 from pipeline.study.plan import Study, load_study
@@ -83,11 +83,8 @@ def outcome(res: Pooled | None, complete: bool, target: float = TARGET, alpha: f
 
 def t_row(d: dict[int, float], level: float = 0.95) -> tuple[float, float, float] | None:
     """(mean, low, high) of one method's per-seed Δ: the t-interval over seeds (None under 2 seeds)."""
-    x = np.array(list(d.values()), dtype=float)
-    if len(x) < 2:
-        return None
-    h = stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean()), float(x.mean() - h), float(x.mean() + h)
+    iv = t_interval(list(d.values()), level)
+    return None if iv is None else (iv.estimate, iv.low, iv.high)
 
 
 def study_deltas(study: Study, metric: str, variant: str = "augself", ledger: Path = LEDGER
