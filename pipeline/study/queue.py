@@ -120,17 +120,19 @@ def clear_stale_tasks() -> None:
     """Forget tasks that `dvc queue status` still calls Running while no worker is alive: they were left
     by a machine or worker that stopped (seen at the start of session 6), and a rerun would otherwise skip
     them as running and wait on them for ever. `dvc queue kill -f` clears such an entry.  Their models'
-    checkpoints are salvaged first (:func:`salvage_interrupted`)."""
+    checkpoints are salvaged first (:func:`salvage_interrupted`) and their workspaces deleted last
+    (:func:`remove_interrupted_workspaces`).  With a live worker nothing is touched: its task is running and
+    its workspace in use."""
     tasks, workers = queue_status()
-    if workers == 0:
-        salvage_interrupted()
+    if workers > 0:
+        return
+    salvage_interrupted()
     stale = [name for name, state in tasks.items() if state == "Running"]
-    if stale and workers == 0:
+    if stale:
         print(f"[study] no queue worker is alive; clearing stale running task(s): {', '.join(stale)}", flush=True)
         subprocess.run(["dvc", "queue", "kill", "-f", *stale], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if workers == 0:
-        remove_interrupted_workspaces()
+    remove_interrupted_workspaces()
 
 
 def remove_interrupted_workspaces() -> None:
