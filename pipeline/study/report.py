@@ -198,8 +198,17 @@ def cost_table(runs: pd.DataFrame) -> list[str]:
                      + " |")
     total = runs[WALL].dropna() if WALL in runs else pd.Series(dtype=float)
     lines += ["", f"Pretraining over the {len(total)} models that recorded it: {total.sum() / 3600:.2f} worker-hours, "
-              f"{total.mean():.0f} s per model on average (`cost.csv` holds this table's numbers).", ""]
-    return lines + bench_cost()
+              f"{total.mean():.0f} s per model on average (`cost.csv` holds this table's numbers)."]
+    if have_eval:
+        cols = [f"time/{s}_s" for s in steps]
+        both = runs[[WALL, *cols]].dropna() if all(c in runs for c in cols) else pd.DataFrame()
+        if not both.empty:
+            evaluation = both[cols].sum(axis=1)
+            lines += [f"Evaluation ({', '.join(steps)}) over the {len(both)} models that recorded every step: "
+                      f"{evaluation.sum() / 3600:.2f} worker-hours, {evaluation.mean():.0f} s per model on average, "
+                      f"{100 * evaluation.sum() / (evaluation.sum() + both[WALL].sum()):.0f} % of those models' "
+                      "pretraining and evaluation seconds (DVC's and the queue's own overhead is in neither)."]
+    return lines + [""] + bench_cost()
 
 
 def _headline_table(diff: pd.DataFrame) -> list[str]:
