@@ -1,4 +1,4 @@
-"""The study (docs/study.md, study.yaml): python -m stages.study {plan,run,export,gather,report,power} [--jobs 2]
+"""The study (docs/study.md, study.yaml): python -m stages.study {plan,run,export,gather,report,walltime,power} [--jobs 2]
 
 plan    every model of study.yaml, done (in reports/study/runs/) or not, and the DVC experiments left
 run     export what MLflow already holds, queue the missing models as `dvc exp run --queue`
@@ -10,6 +10,8 @@ gather  (--from REMOTE: `dvc exp pull` the study's experiments from the git remo
         DVC remote) export every finished model from MLflow into the ledger, rebuild the study's report
 report  rebuild the study's report from the ledger (study.yaml's report_dir: reports/study/; a study with
         `report: premise`, e.g. study-premise.yaml, builds the per-method premise report instead)
+walltime  how long --study's models took on the clock: the union of their MLflow runs (every attempt, start to
+        last logged metric), so the time between sessions does not count (pipeline/study/wall_time.py)
 power   the confirmatory study's power from the paired hue Δ of --study's models (pipeline/study/power.py): prints
         the seeds per method for each target and the power table, writes reports/study/power.json
 
@@ -32,7 +34,7 @@ from pipeline.study.share import study_experiments
 def main() -> int:
     put_this_interpreter_first_on_path()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("plan", "run", "export", "gather", "report", "power"))
+    ap.add_argument("action", choices=("plan", "run", "export", "gather", "report", "walltime", "power"))
     ap.add_argument("--study", default="study.yaml")
     ap.add_argument("--jobs", type=int, default=2, help="dvc queue workers (each pinned to one CPU thread)")
     ap.add_argument("--shard", default=None, metavar="I/N",
@@ -59,6 +61,13 @@ def main() -> int:
         power(LEDGER, Path("reports/study/power.json"), {k.name for k in load_study(a.study).models()})
         return 0
     study = load_study(a.study)
+    if a.action == "walltime":                    # reads the ledger and the tracking store only
+        from pipeline.study.wall_time import study_wall_time
+
+        w = study_wall_time(study)
+        print(f"{study.name}: {w['models']} models in the ledger, {w['runs']} MLflow runs (every attempt); wall time "
+              f"{w['hours']:.2f} h (the union of the runs, start to last logged metric), {w['first']} → {w['last']}")
+        return 0
     models = study.models()
     if a.shard:
         try:

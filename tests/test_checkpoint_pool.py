@@ -140,7 +140,9 @@ def test_the_resumed_model_logs_on_into_the_mlflow_run_it_started(tmp_path, monk
     run_id = (killed / MODEL / RUN_ID_FILE).read_text()
     client.update_run(run_id, status="RUNNING")            # as a worker killed mid-run leaves it
     assert end_interrupted_runs(tmp_path / "exps") == [run_id]
-    assert client.get_run(run_id).info.status == "KILLED"
+    killed_run = client.get_run(run_id)
+    last_metric = max(m.timestamp for k in killed_run.data.metrics for m in client.get_metric_history(run_id, k))
+    assert killed_run.info.status == "KILLED" and killed_run.info.end_time == last_metric   # not when found dead
     assert end_interrupted_runs(tmp_path / "exps") == []   # a second salvage leaves an ended run alone
 
     salvage(tmp_path / "exps", tmp_path / "pool")

@@ -722,3 +722,42 @@ def test_the_study_runner_reads_the_queue_once_a_look(monkeypatch):
     runner._train(type("S", (), {"overrides": {}})(), [], [], 2, None, set(), poll=0)
     assert len(reads) == 3
     assert topped == [({"a": "Running", "b": "Queued"}, 1), ({"b": "Running"}, 2)]
+
+
+def test_the_study_wall_time_is_the_union_of_every_attempts_run_from_start_to_last_metric(tmp_path):
+    """Two models trained side by side count once; a model's earlier, interrupted attempt (same name and group)
+    counts up to its last metric, not up to when it was found dead; the gap between sessions and another
+    group's run of the same name do not count."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.study.plan import ModelKey
+    from pipeline.study.wall_time import study_wall_time, union_ms
+
+    assert union_ms([(30, 40), (0, 10), (5, 20)]) == 30 and union_ms([]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e")
+    minute = 60_000
+
+    def run(name, group, start, last, status="FINISHED", end=None):
+        r = client.create_run(exp, start_time=start * minute, tags={"group": group, "mlflow.runName": name})
+        client.log_batch(r.info.run_id, metrics=[Metric("loss", 1.0, start * minute, 0),
+                                                 Metric("time/probe_s", 1.0, last * minute, 0)])
+        client.set_terminated(r.info.run_id, status=status, end_time=(end or last) * minute)
+        return r.info.run_id
+
+    s = study(tmp_path, "name: w\nseeds: [0]\nblocks:\n  - {name: core, methods: [simclr], variants: [baseline, "
+                        "augself], lambda: [1.0], color_strength: [strong]}\n")
+    base, aug = sorted(s.models(), key=lambda k: k.variant != "baseline")
+    assert isinstance(base, ModelKey)
+    ledger = tmp_path / "runs"
+    held = {base: run("b", "g", 100, 130), aug: run("a", "g", 110, 140)}       # side by side: 100 → 140
+    run("a", "g", 10, 25, status="KILLED", end=90)    # an earlier attempt: 10 → 25 (its end time says 90)
+    run("b", "other", 0, 200)                         # another configuration's run of that name
+    for key, run_id in held.items():
+        _write_model(ledger, key, {}, {"x": np.zeros(1)})
+        rec = json.loads((ledger / f"{key.name}.json").read_text())
+        (ledger / f"{key.name}.json").write_text(json.dumps({**rec, "run_id": run_id}))
+    w = study_wall_time(s, ledger, client)
+    assert (w["models"], w["runs"]) == (2, 3)
+    assert w["hours"] == pytest.approx((40 + 15) / 60)

@@ -94,6 +94,7 @@ def end_interrupted_runs(workspaces: str | Path) -> list[str]:
     """Set KILLED each MLflow run that a model of ``workspaces/tmp*`` logs to and that is still RUNNING;
     returns their ids.  Runs of other machines sharing the tracking server are never touched: only the run
     ids written in this repository's own interrupted workspaces are read."""
+    from pipeline.study.wall_time import last_activity
     from pipeline.tracking import RUN_ID_FILE, tracking_uri
 
     run_ids = sorted({text for f in Path(workspaces).glob(f"tmp*/models/*/{RUN_ID_FILE}")
@@ -107,8 +108,8 @@ def end_interrupted_runs(workspaces: str | Path) -> list[str]:
     for run_id in run_ids:
         try:
             run = client.get_run(run_id)
-            if run.info.status == "RUNNING":
-                client.set_terminated(run_id, status="KILLED")
+            if run.info.status == "RUNNING":     # ended when it last logged, not now: the gap since is no run time
+                client.set_terminated(run_id, status="KILLED", end_time=last_activity(client, run))
                 ended.append(run_id)
                 print(f"[study] MLflow run {run_id} ({run.info.run_name}) was interrupted: set KILLED", flush=True)
         except MlflowException as e:      # another store's run, or the store unreachable: the study goes on
