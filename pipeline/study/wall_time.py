@@ -48,13 +48,14 @@ def study_wall_time(study: Study, ledger: Path = LEDGER, client=None) -> dict:
         client = MlflowClient(tracking_uri=tracking_uri())
     names = {k.name for k in study.models()}
     held = [json.loads(f.read_text())["run_id"] for f in sorted(Path(ledger).glob("*.json")) if f.stem in names]
-    attempts = {}
+    wanted: dict[tuple[str, str], set[str]] = {}            # (experiment, group) -> the ledger's run names
     for run_id in held:
         run = client.get_run(run_id)
-        group, name = run.data.tags.get("group"), run.info.run_name
-        for r in client.search_runs([run.info.experiment_id], filter_string=f"tags.group = '{group}'",
-                                    max_results=10000):
-            if r.info.run_name == name:
+        wanted.setdefault((run.info.experiment_id, run.data.tags.get("group")), set()).add(run.info.run_name)
+    attempts = {}
+    for (experiment, group), names in wanted.items():       # one search per configuration, not per model
+        for r in client.search_runs([experiment], filter_string=f"tags.group = '{group}'", max_results=10000):
+            if r.info.run_name in names:
                 attempts[r.info.run_id] = r
     intervals = [(r.info.start_time, end) for r in attempts.values() if (end := last_activity(client, r))]
     if not intervals:
