@@ -2,12 +2,13 @@
 
 import json
 import re
+import subprocess
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.study import confirm
+from pipeline.study import confirm, provenance
 from pipeline.study.figures import PRIMARY
 from pipeline.study.plan import ModelKey, load_study
 from pipeline.study.power import blocked_welch_test
@@ -76,6 +77,7 @@ def _studies(tmp_path):
                      "lambda: [1.0], color_strength: [strong]}\n")
     conf = tmp_path / "study-confirm.yaml"
     conf.write_text(f"name: confirm\nseeds: [3, 4, 5]\nreport: confirmatory\ncompare_with: {first}\n"
+                    "preregistration: \"ae6222c9\"\n"
                     f"report_dir: {tmp_path / 'out'}\nblocks:\n"
                     "  - {name: core, methods: [simclr, simsiam, moco, byol], variants: [baseline, augself], "
                     "lambda: [1.0], color_strength: [strong]}\n"
@@ -160,3 +162,66 @@ def test_a_filled_marker_is_the_design_tests_rejection_not_an_interval_that_miss
     rows = confirm.rejected_rows(study, PRIMARY, pooled_is_test=True)
     assert rows == {("augself", "simclr"), ("augself", "pooled"), ("cassle", "simclr")}
     assert ("augself", "pooled") not in confirm.rejected_rows(study, PRIMARY, pooled_is_test=False)
+
+
+def _commit(repo, message, files):
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", message], cwd=repo, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_provenance_passes_only_models_trained_after_the_preregistration_by_its_code(tmp_path):
+    """From git history alone: a model trained from a descendant of the pre-registration commit with the same
+    training code passes; one from a commit before it (or beside it), one after it whose training code changed,
+    and one whose commit this clone lacks are each named, never passed."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    old = _commit(tmp_path, "code", {"pipeline/train.py": "v1\n", "pipeline/params.py": "p1\n"})
+    prereg = _commit(tmp_path, "pre-register", {"docs/study.md": "design\n"})
+    ledger = _commit(tmp_path, "ledger and report code", {"reports/x.json": "{}\n", "pipeline/study/x.py": "r\n"})
+    retrained = _commit(tmp_path, "edit training code", {"pipeline/train.py": "v2\n"})
+    subprocess.run(["git", "checkout", "-qb", "side", old], cwd=tmp_path, check=True)
+    beside = _commit(tmp_path, "a branch that never saw the design", {"notes.txt": "x\n"})
+    p = provenance.check(prereg, {"a": ledger, "b": ledger, "c": retrained, "d": old, "e": beside,
+                                  "f": "0123abcd" * 5, "g": ""}, tmp_path)
+    assert p.date and (p.after, p.code_changed, p.before, p.unchecked) == (["a", "b"], ["c"], ["d", "e"], ["f", "g"])
+    assert not p.holds
+    assert provenance.check(prereg, {"a": ledger, "b": ledger}, tmp_path).holds
+    text = provenance.summary(p)
+    assert "**2** were trained" in text and "`c`" in text and "`d`, `e`" in text and "`f`, `g`" in text
+    missing = provenance.check("feedf00d" * 5, {"a": ledger}, tmp_path)
+    assert missing.date is None and not missing.holds and "cannot be checked" in provenance.summary(missing)
+
+
+def test_provenance_catches_a_params_colour_edit_after_the_preregistration(tmp_path):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    _commit(tmp_path, "code", {"pipeline/train.py": "v1\n", "pipeline/params.py": "p1\n"})
+    prereg = _commit(tmp_path, "pre-register", {"docs/study.md": "design\n"})
+    colour = _commit(tmp_path, "params colour arithmetic", {"pipeline/params.py": "p2\n"})
+    assert provenance.check(prereg, {"m": colour}, tmp_path).code_changed == ["m"]
+
+
+def test_a_confirmatory_study_names_its_preregistration_commit(tmp_path):
+    from pipeline.config import ConfigError
+
+    first = tmp_path / "study.yaml"
+    first.write_text("name: f\nseeds: [0]\nblocks:\n"
+                     "  - {name: core, methods: [simclr], variants: [baseline], lambda: [1.0], color_strength: [strong]}\n")
+    p = tmp_path / "s.yaml"
+    body = "blocks:\n  - {name: core, methods: [simclr], variants: [baseline], lambda: [1.0], color_strength: [strong]}\n"
+    p.write_text(f"name: c\nseeds: [3]\nreport: confirmatory\ncompare_with: {first}\n" + body)
+    with pytest.raises(ConfigError, match="preregistration"):
+        load_study(p)
+    p.write_text(f"name: c\nseeds: [3]\nreport: confirmatory\ncompare_with: {first}\npreregistration: 1234567\n" + body)
+    with pytest.raises(ConfigError, match="quoted string"):
+        load_study(p)
+    p.write_text(f"name: c\nseeds: [3]\npreregistration: \"ae6222c9\"\n" + body)
+    with pytest.raises(ConfigError, match="only with it"):
+        load_study(p)
+    p.write_text(f"name: c\nseeds: [3]\nreport: confirmatory\ncompare_with: {first}\npreregistration: \"ae6222c9\"\n"
+                 + body)
+    assert load_study(p).preregistration == "ae6222c9"

@@ -168,7 +168,7 @@ def read_ledger(ledger: Path = LEDGER, models: set[str] | None = None
         k = r["key"]
         rows.append({"run_id": r["run_id"], "model": f.stem, "method": k["method"], "variant": k["variant"],
                      "lambda": float(k["lambda"]), "strength": k["strength"], "seed": int(k["seed"]),
-                     **{s: k[s] for s in ("epochs", "lr") if s in k}, **r["metrics"]})
+                     **{s: k[s] for s in ("epochs", "lr") if s in k}, "commit": r.get("commit", ""), **r["metrics"]})
         npz = f.with_suffix(".npz")
         if npz.exists():
             with np.load(npz, allow_pickle=False) as z:

@@ -99,6 +99,7 @@ class Study:
     report: str = "study"                    # study | premise | confirmatory: which report `report` builds
     report_dir: str = "reports/study"
     compare_with: str | None = None          # confirmatory: the study file whose seeds generated the hypothesis
+    preregistration: str | None = None       # confirmatory: the commit that pre-registered it (pipeline.study.provenance)
     source: str = STUDY_FILE                 # the file it was read from (the report names the command that resumes it)
 
     def models(self) -> list[ModelKey]:
@@ -146,10 +147,10 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with name, seeds, blocks")
     unknown = set(raw) - {"name", "seeds", "blocks", "minutes_per_model", "overrides", "report", "report_dir",
-                          "compare_with"}
+                          "compare_with", "preregistration"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, seeds, blocks, "
-                          f"minutes_per_model, overrides, report, report_dir, compare_with")
+                          f"minutes_per_model, overrides, report, report_dir, compare_with, preregistration")
     report = raw.get("report", "study")
     if report not in REPORTS:
         raise ConfigError(f"{path}: report: {report!r} is not one of {', '.join(REPORTS)}")
@@ -160,6 +161,15 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
     if compare_with is not None and not Path(compare_with).is_file():
         raise ConfigError(f"{path}: compare_with: {compare_with!r} is not a file; name the first study's file, "
                           f"e.g. study.yaml")
+    prereg = raw.get("preregistration")
+    if (report == "confirmatory") != (prereg is not None):
+        raise ConfigError(f"{path}: preregistration (the commit that pre-registered the study, e.g. the hash `git log "
+                          f"docs/study.md` shows for it; the report checks every model was trained after it) goes "
+                          f"with report: confirmatory, and only with it")
+    if prereg is not None and not (isinstance(prereg, str) and len(prereg) >= 7
+                                   and all(c in "0123456789abcdef" for c in prereg)):
+        raise ConfigError(f"{path}: preregistration: {prereg!r} is not a commit hash; write it as a quoted string of "
+                          f"at least 7 hex digits (YAML reads an unquoted all-digit hash as a number)")
     blocks = []
     for i, b in enumerate(raw.get("blocks") or []):
         where = f"{path}: blocks[{i}]"
@@ -202,7 +212,7 @@ def load_study(path: str | Path = STUDY_FILE) -> Study:
         raise ConfigError(f"{path}: name must be a non-empty string (it labels the study's runs)")
     return Study(raw["name"], list(seeds), blocks, float(raw.get("minutes_per_model", 2.0)),
                  dict(raw.get("overrides") or {}), report, str(raw.get("report_dir", "reports/study")), compare_with,
-                 str(path))
+                 prereg, str(path))
 
 
 @dataclass(frozen=True)

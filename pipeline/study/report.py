@@ -23,6 +23,7 @@ from pipeline.study.figures import (METHOD_ORDER, PRIMARY, STRENGTHS, TASKS, for
                                    strength_figure)
 from pipeline.study.ledger import LEDGER, read_ledger
 from pipeline.study.plan import Study
+from pipeline.study.provenance import check, summary
 
 
 # A confirmatory study's page before every planned model has finished: the rows show their estimates and
@@ -348,6 +349,12 @@ def _full_table(diff: pd.DataFrame) -> list[str]:
     return lines + ["", "</details>", ""]
 
 
+def _provenance(study: Study, runs: pd.DataFrame) -> str:
+    """The check, from git history, that every model was trained after the pre-registration and by its code."""
+    commits = dict(zip(runs["model"], runs["commit"])) if not runs.empty else {}
+    return summary(check(study.preregistration, commits))
+
+
 def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LEDGER) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,8 +367,8 @@ def build(study: Study, out_dir: Path = Path("reports/study"), ledger: Path = LE
     runs, items = read_ledger(ledger, {k.name for k in planned})      # the ledger is shared by every study
     notes: list[str] = []
     lines = [f"# Study `{study.name}`", "",
-             ("Pre-registration: [docs/study.md](../../docs/study.md), “Pre-registration” (committed before any "
-              f"of this study's runs); the first study: `{study.compare_with}`."
+             (f"Pre-registration: [docs/study.md](../../docs/study.md), “Pre-registration”; the first study: "
+              f"`{study.compare_with}`. {_provenance(study, runs)}"
               if study.report == "confirmatory" else
               "Design: [docs/study.md](../../docs/study.md) (committed before any AugSelf run). "
               "Premise curves (baseline only): [premise.png](premise.png), [premise.csv](premise.csv)."), "",
