@@ -22,6 +22,8 @@ Resumable: killed at any point, `make study` (= run) continues from what the led
 """
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -33,6 +35,8 @@ from pipeline.study.share import study_experiments
 
 def main() -> int:
     put_this_interpreter_first_on_path()
+    if not sys.stderr.isatty():      # a log file (the study runs for hours under nohup): no MLflow download bars
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("plan", "run", "export", "gather", "report", "walltime", "power"))
     ap.add_argument("--study", default="study.yaml")
