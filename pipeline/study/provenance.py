@@ -17,6 +17,7 @@ said so, never counted as passing.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ class Provenance:
 
 
 def _git(args: list[str], repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    # TZ=UTC: the date is printed in local time (format-local) and labelled UTC
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, env={**os.environ, "TZ": "UTC"})
 
 
 def _known(commit: str, repo: Path) -> bool:
