@@ -132,38 +132,46 @@ def forest_both(first: dict, confirm: dict, path: Path, labels=("first study", "
     if not panels:
         return False
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
-    rows = [("augself", m) for m in METHOD_ORDER] + [("augself", "pooled")]
+    # AugSelf (per method, pooled) above; SimCLR's CASSLE below on its own x-axis: its Δ is ten times
+    # AugSelf's and would squeeze AugSelf's intervals into a sliver of a shared axis.
+    groups = [[("augself", m) for m in METHOD_ORDER] + [("augself", "pooled")]]
     if any(s.get((m, "cassle")) for s in (first, confirm) for m in panels):
-        rows.append(("cassle", "simclr"))
-    names = [m if v == "augself" else "SimCLR CASSLE" for v, m in rows]
-    names[len(METHOD_ORDER)] = "pooled (4 methods)"
-    for ax, metric in zip(axes[0], panels):
-        for j, (study, colour, off) in enumerate(((first, "0.55", -0.15), (confirm, "C0", 0.15))):
-            label = labels[j]
-            decided = (rejected_rows(study, metric, pooled_is_test=j == 1 and metric == PRIMARY)
-                       if j == 0 or complete else set())
-            for i, (variant, method) in enumerate(rows):
-                per = study.get((metric, variant)) or {}
-                if method == "pooled":
-                    r = welch_blocked(per)
-                    cell = None if r is None else (r.estimate, r.low, r.high)
-                else:
-                    cell = t_row(per[method]) if method in per else None
-                if cell is None:
-                    continue
-                y = len(rows) - 1 - i + off
-                mid, lo, hi = cell
-                filled = (variant, method) in decided
-                ax.plot([lo, hi], [y, y], color=colour, lw=2)
-                ax.plot([mid], [y], "s" if method == "pooled" else "o", color=colour,
-                        mfc=colour if filled else "white", label=label)
-                label = None
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_title(PANELS[metric], fontsize=10)
-        ax.set_xlabel("Δ vs baseline (points), 95 % interval")
-    axes[0][0].set_yticks(range(len(rows)))
-    axes[0][0].set_yticklabels(list(reversed(names)))
+        groups.append([("cassle", "simclr")])
+    fig, axes = plt.subplots(len(groups), len(panels), figsize=(4.6 * len(panels), 1.2 + 0.55 * sum(map(len, groups))
+                                                                 + 0.5 * len(groups)),
+                             sharey="row", squeeze=False,
+                             gridspec_kw={"height_ratios": [len(g) + 0.8 for g in groups]})
+    for g, rows in enumerate(groups):
+        for ax, metric in zip(axes[g], panels):
+            for j, (study, colour, off) in enumerate(((first, "0.55", -0.15), (confirm, "C0", 0.15))):
+                label = labels[j]
+                decided = (rejected_rows(study, metric, pooled_is_test=j == 1 and metric == PRIMARY)
+                           if j == 0 or complete else set())
+                for i, (variant, method) in enumerate(rows):
+                    per = study.get((metric, variant)) or {}
+                    if method == "pooled":
+                        r = welch_blocked(per)
+                        cell = None if r is None else (r.estimate, r.low, r.high)
+                    else:
+                        cell = t_row(per[method]) if method in per else None
+                    if cell is None:
+                        continue
+                    y = len(rows) - 1 - i + off
+                    mid, lo, hi = cell
+                    filled = (variant, method) in decided
+                    ax.plot([lo, hi], [y, y], color=colour, lw=2)
+                    ax.plot([mid], [y], "s" if method == "pooled" else "o", color=colour,
+                            mfc=colour if filled else "white", label=label)
+                    label = None
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_ylim(-0.6, len(rows) - 0.4)
+            if g == 0:
+                ax.set_title(PANELS[metric], fontsize=10)
+            if g == len(groups) - 1:
+                ax.set_xlabel("Δ vs baseline (points), 95 % interval")
+        names = ["pooled (4 methods)" if m == "pooled" else m if v == "augself" else "SimCLR CASSLE" for v, m in rows]
+        axes[g][0].set_yticks(range(len(rows)))
+        axes[g][0].set_yticklabels(list(reversed(names)))
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("AugSelf λ = 1 (and CASSLE) − baseline, strong colour: first study (seeds 0–2, generated the "
                  "hypothesis) vs confirmatory\nfilled marker: the design's test rejects Δ = 0 (per method: t over "
