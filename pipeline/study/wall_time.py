@@ -53,9 +53,9 @@ def study_wall_time(study: Study, ledger: Path = LEDGER, client=None) -> dict:
         run = client.get_run(run_id)
         wanted.setdefault((run.info.experiment_id, run.data.tags.get("group")), set()).add(run.info.run_name)
     attempts = {}
-    for (experiment, group), names in wanted.items():       # one search per configuration, not per model
+    for (experiment, group), run_names in wanted.items():   # one search per configuration, not per model
         for r in client.search_runs([experiment], filter_string=f"tags.group = '{group}'", max_results=10000):
-            if r.info.run_name in names:
+            if r.info.run_name in run_names:
                 attempts[r.info.run_id] = r
     intervals = [(r.info.start_time, end) for r in attempts.values() if (end := last_activity(client, r))]
     if not intervals:
