@@ -2,7 +2,7 @@
 
 * :func:`forest_by_task`: the headline, every method's AugSelf (λ = 1) and CASSLE − baseline Δ with
   its 95 % paired interval against zero, one panel per task (the difference itself is drawn: bars
-  from zero hide a difference of a point);
+  from zero hide a difference of a point), CASSLE in its own row of panels on its own x-axis;
 * :func:`lambda_figure`: Δ against λ per task (SimCLR, strong colour), λ = 0 being the baseline itself;
 * :func:`strength_figure`: the premise and the remedy in one picture: the baseline's and AugSelf's
   hue accuracy against colour strength, and their Δ against strength per task.
@@ -67,21 +67,31 @@ def forest_by_task(diff: pd.DataFrame, path: Path) -> bool:
     plt = pyplot()
     models = list(dict.fromkeys(zip(rows["method"], rows["variant"])))
     tasks = [t for t in TASKS if t in set(rows["metric"])]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks) + 1.6, 0.42 * len(models) + 1.6),
-                             sharey=True, squeeze=False)
-    ys = {m: len(models) - 1 - i for i, m in enumerate(models)}
-    for ax, task in zip(axes[0], tasks):
-        for _, r in rows[rows["metric"] == task].iterrows():
-            _interval(ax, ys[(r["method"], r["variant"])], r,
-                      "tab:blue" if r["variant"] == "augself" else "tab:orange", horizontal=True)
-        ax.axvline(0.0, color="black", lw=0.8, ls="--")
-        ax.set_title(TASKS[task], fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_xlabel("Δ (points)")
+    # AugSelf above, CASSLE below on its own x-axis: CASSLE's Δ is ten times AugSelf's and would squeeze
+    # AugSelf's intervals into a sliver of a shared axis (as in confirm.forest_both).
+    groups = [g for g in ([m for m in models if m[1] == "augself"], [m for m in models if m[1] != "augself"]) if g]
+    fig, axes = plt.subplots(len(groups), len(tasks),
+                             figsize=(2.6 * len(tasks) + 1.6, 0.42 * len(models) + 1.6 + 0.5 * (len(groups) - 1)),
+                             sharey="row", squeeze=False,
+                             gridspec_kw={"height_ratios": [len(g) + 0.6 for g in groups]})
     seeds = rows.groupby(["method", "variant"])["seeds"].first()
-    axes[0][0].set_yticks(list(ys.values()),
-                          [f"{m} + {'AugSelf' if v == 'augself' else 'CASSLE'} (seeds {seeds[(m, v)]})"
-                           for m, v in ys], fontsize=8)
+    for g, group in enumerate(groups):
+        ys = {m: len(group) - 1 - i for i, m in enumerate(group)}
+        for ax, task in zip(axes[g], tasks):
+            for _, r in rows[rows["metric"] == task].iterrows():
+                if (r["method"], r["variant"]) in ys:
+                    _interval(ax, ys[(r["method"], r["variant"])], r,
+                              "tab:blue" if r["variant"] == "augself" else "tab:orange", horizontal=True)
+            ax.axvline(0.0, color="black", lw=0.8, ls="--")
+            ax.set_ylim(-0.6, len(group) - 0.4)
+            ax.grid(axis="x", alpha=0.3)
+            if g == 0:
+                ax.set_title(TASKS[task], fontsize=9)
+            if g == len(groups) - 1:
+                ax.set_xlabel("Δ (points)")
+        axes[g][0].set_yticks(list(ys.values()),
+                              [f"{m} + {'AugSelf' if v == 'augself' else 'CASSLE'} (seeds {seeds[(m, v)]})"
+                               for m, v in ys], fontsize=8)
     fig.suptitle("Variant − baseline at strong colour, paired: t-interval over seeds (dotted: 1 seed, evaluation noise); "
                  "filled: t-test, Holm, Δ ≠ 0", fontsize=10)
     fig.tight_layout()
