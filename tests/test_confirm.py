@@ -133,6 +133,11 @@ def test_the_confirmatory_report_tests_only_its_own_seeds_and_shows_both_studies
     assert f"Δ {sub.estimate:+.2f} [{sub.low:+.2f}, {sub.high:+.2f}], p {sub.p:.4f}." in text
     assert text.index("pre-registered primary test") < text.index("## The secondary tests (pre-registered)")
     assert "## The primary test (docs/study.md)" not in text
+    # The primary test's data, per seed, on the page: every method's Δ of seed 4, and their means.
+    seed_row = next(line for line in text.splitlines() if line.startswith("| 4 | "))
+    assert seed_row == "| 4 | " + " | ".join(f"{new[m][4]:+.2f}" for m in METHODS) + " |"
+    mean_row = next(line for line in text.splitlines() if line.startswith("| mean | "))
+    assert mean_row == "| mean | " + " | ".join(f"{np.mean(list(new[m].values())):+.2f}" for m in METHODS) + " |"
 
 
 def test_a_confirmatory_study_names_the_study_it_confirms(tmp_path):

@@ -9,6 +9,7 @@ across the methods, the secondary tests) with, above it:
   mean of the four methods' mean Δ, its variance Σ_m s_m²/n_m / 4², the degrees of freedom
   Welch–Satterthwaite; two-sided, α = 0.05.  With equal n it is
   :func:`pipeline.study.power.blocked_welch_test`, the test the power analysis sized.
+  Its data, each seed's paired Δ per method (:func:`per_seed_table`), is printed under it.
 * **its outcome** (:func:`outcome`), in the words fixed before the runs: *higher*, *lower*, *no gain of
   1 point* (not rejected and the interval's upper end below the 1 point the study was powered for: the
   first study's hypothesis refuted at that size), or *inconclusive*.  No outcome is read until every
@@ -187,6 +188,24 @@ def _fmt(cell) -> str:
     return "–" if cell is None else f"{cell[0]:+.2f} [{cell[1]:+.2f}, {cell[2]:+.2f}]"
 
 
+def per_seed_table(deltas: dict[str, dict[int, float]]) -> list[str]:
+    """The primary test's data: each seed's paired Δ per method, then each method's mean and sd, so the test
+    above can be recomputed from the page (and a seed that carries a mean is seen)."""
+    methods = [m for m in METHOD_ORDER if deltas.get(m)]
+    if not methods:
+        return []
+    seeds = sorted({s for m in methods for s in deltas[m]})
+    lines = ["Its data, the paired Δ (points) of every seed:", "",
+             "| seed | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{deltas[m][s]:+.2f}" if s in deltas[m] else "–" for m in methods)
+                     + " |")
+    for name, fn in (("mean", np.mean), ("sd", lambda v: np.std(v, ddof=1) if len(v) > 1 else float("nan"))):
+        lines.append(f"| {name} | " + " | ".join(f"{fn(list(deltas[m].values())):+.2f}" if name == "mean" else
+                                                 f"{fn(list(deltas[m].values())):.2f}" for m in methods) + " |")
+    return lines + [""]
+
+
 def lead(study: Study, out_dir: Path, ledger: Path = LEDGER) -> list[str]:
     """The confirmatory report's first sections: the primary test, its outcome, both studies side by side."""
     first_study = load_study(study.compare_with)
@@ -212,6 +231,7 @@ def lead(study: Study, out_dir: Path, ledger: Path = LEDGER) -> list[str]:
                   f"| {res.estimate:+.2f} | [{res.low:+.2f}, {res.high:+.2f}] | {res.t:.2f} | {res.df:.1f} | "
                   f"{res.p:.4f} | " + ", ".join(f"{m} {n}" for m, n in res.seeds.items()) + " | "
                   f"**{outcome(res, complete)}** |", ""]
+    lines += per_seed_table(primary)
     sub = welch_blocked({m: d for m, d in primary.items() if m in PREMISE_HOLDS})
     if sub is not None:
         lines += [f"Secondary, pre-registered: the same test over the methods whose premise holds "
