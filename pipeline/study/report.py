@@ -252,8 +252,8 @@ def _primary_test(diff: pd.DataFrame, confirmatory: bool = False) -> list[str]:
     lines = [title, "",
              "The decision is the design's test: the two-sided one-sample t-test of the per-seed paired Δ over "
              "seeds, Holm-corrected across the methods tested (“higher” / “lower”: Holm p < 0.05). The "
-             f"{DESCRIPTIVE} is shown beside it and decides nothing: with 2–3 seeds it can redraw only "
-             "those seeds and is much narrower than the t-interval. A method with one seed has no test.", "",
+             f"{DESCRIPTIVE} is shown beside it and decides nothing: it can only resample the seeds "
+             "that ran, and with this few it is narrower than the t-interval. A method with one seed has no test.", "",
              f"| method | seeds | Δ | t-interval over seeds | p | Holm p | decision | {DESCRIPTIVE} |",
              "|---|---|---:|---|---:|---:|---|---|"]
     for _, r in t.iterrows():
