@@ -230,3 +230,21 @@ def test_a_confirmatory_study_names_its_preregistration_commit(tmp_path):
     p.write_text(f"name: c\nseeds: [3]\nreport: confirmatory\ncompare_with: {first}\npreregistration: \"ae6222c9\"\n"
                  + body)
     assert load_study(p).preregistration == "ae6222c9"
+
+
+def test_the_spread_table_sets_the_design_assumption_beside_the_measured_spread():
+    """Planned: the first study's SD and the half-width it promised at the planned n; measured: this study's. Once
+    every seed is in, the measured pooled half-width is the primary test's own interval (no second formula)."""
+    rng = np.random.default_rng(3)
+    planning = {m: dict(enumerate(rng.normal(1.0, sd, 3))) for m, sd in zip(METHODS, (3.0, 1.0, 0.5, 1.0))}
+    measured = {m: dict(enumerate(rng.normal(1.0, sd, 7), start=3)) for m, sd in zip(METHODS, (3.0, 2.0, 1.5, 1.5))}
+    lines = confirm.spread_table(planning, measured, 7)
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip("|").split("|") for line in lines if line.startswith("| ")}
+    for m in METHODS:
+        sd_plan, sd_meas = np.std(list(planning[m].values()), ddof=1), np.std(list(measured[m].values()), ddof=1)
+        cells = [c.strip() for c in rows[m]]
+        assert cells[1:5] == [f"{sd_plan:.2f}", f"{sd_meas:.2f}", f"{stats.t.ppf(0.975, 6) * sd_plan / np.sqrt(7):.2f}",
+                              f"{stats.t.ppf(0.975, 6) * sd_meas / np.sqrt(7):.2f}"]
+    res = confirm.welch_blocked(measured)
+    assert [c.strip() for c in rows["pooled (4 methods)"]][4] == f"{res.high - res.estimate:.2f}"
+    assert confirm.spread_table(planning, {m: {3: 1.0} for m in METHODS}, 7) == []     # one seed: no spread yet
