@@ -234,7 +234,7 @@ def test_a_confirmatory_study_names_its_preregistration_commit(tmp_path):
 
 def test_the_spread_table_sets_the_design_assumption_beside_the_measured_spread():
     """Planned: the first study's SD and the half-width it promised at the planned n; measured: this study's. Once
-    every seed is in, the measured pooled half-width is the primary test's own interval (no second formula)."""
+    every seed is in, the measured pooled half-width is the primary test's own interval."""
     rng = np.random.default_rng(3)
     planning = {m: dict(enumerate(rng.normal(1.0, sd, 3))) for m, sd in zip(METHODS, (3.0, 1.0, 0.5, 1.0))}
     measured = {m: dict(enumerate(rng.normal(1.0, sd, 7), start=3)) for m, sd in zip(METHODS, (3.0, 2.0, 1.5, 1.5))}

@@ -57,16 +57,21 @@ class Pooled:
     seeds: dict                 # method -> number of paired seeds
 
 
+def _welch_se_df(variances, ns) -> tuple[float, float]:
+    """Standard error and Welch–Satterthwaite degrees of freedom of the mean of the methods' means, each
+    method with across-seed variance ``variances[i]`` over ``ns[i]`` seeds."""
+    v = np.array([s2 / n for s2, n in zip(variances, ns)], dtype=float)
+    df = float(v.sum() ** 2 / sum(vi ** 2 / (n - 1) for vi, n in zip(v, ns))) if v.sum() > 0 else float("inf")
+    return float(np.sqrt(v.sum()) / len(v)), df
+
+
 def welch_blocked(deltas: dict[str, dict[int, float]], level: float = 0.95) -> Pooled | None:
     """The primary test on {method: {seed: Δ}}; None while a method has fewer than 2 paired seeds."""
     if not deltas or any(len(d) < 2 for d in deltas.values()):
         return None
     vals = [np.array(list(d.values()), dtype=float) for d in deltas.values()]
-    m = len(vals)
-    v = np.array([x.var(ddof=1) / len(x) for x in vals])
     est = float(np.mean([x.mean() for x in vals]))
-    se = float(np.sqrt(v.sum()) / m)
-    df = float(v.sum() ** 2 / sum(vi ** 2 / (len(x) - 1) for vi, x in zip(v, vals))) if v.sum() > 0 else float("inf")
+    se, df = _welch_se_df([x.var(ddof=1) for x in vals], [len(x) for x in vals])
     t = est / se if se > 0 else (0.0 if est == 0 else float(np.copysign(np.inf, est)))
     q = stats.t.ppf((1 + level) / 2, df)
     return Pooled(est, se, df, float(t), float(2 * stats.t.sf(abs(t), df)), est - q * se, est + q * se,
@@ -202,9 +207,9 @@ def per_seed_table(deltas: dict[str, dict[int, float]]) -> list[str]:
     for s in seeds:
         lines.append(f"| {s} | " + " | ".join(f"{deltas[m][s]:+.2f}" if s in deltas[m] else "–" for m in methods)
                      + " |")
-    for name, fn in (("mean", np.mean), ("sd", lambda v: np.std(v, ddof=1) if len(v) > 1 else float("nan"))):
-        lines.append(f"| {name} | " + " | ".join(f"{fn(list(deltas[m].values())):+.2f}" if name == "mean" else
-                                                 f"{fn(list(deltas[m].values())):.2f}" for m in methods) + " |")
+    values = [list(deltas[m].values()) for m in methods]
+    lines.append("| mean | " + " | ".join(f"{np.mean(v):+.2f}" for v in values) + " |")
+    lines.append("| sd | " + " | ".join(f"{np.std(v, ddof=1):.2f}" if len(v) > 1 else "–" for v in values) + " |")
     return lines + [""]
 
 
@@ -237,11 +242,9 @@ def spread_table(planning: dict[str, dict[int, float]], measured: dict[str, dict
                      f"{planned_half_width(sd['planned'][m], n):.2f} | {planned_half_width(sd['measured'][m], n):.2f} "
                      f"| {len(measured[m])} |")
     pooled = {}
-    for k in ("planned", "measured"):
-        # the primary test's half-width at n seeds per method with these SDs (Welch-Satterthwaite df)
-        v = np.array([sd[k][m] ** 2 / n for m in methods])
-        df = v.sum() ** 2 / sum(vi ** 2 / (n - 1) for vi in v)
-        pooled[k] = float(stats.t.ppf(0.975, df) * np.sqrt(v.sum()) / len(methods))
+    for k in ("planned", "measured"):       # the primary test's half-width at n seeds per method with these SDs
+        se, df = _welch_se_df([sd[k][m] ** 2 for m in methods], [n] * len(methods))
+        pooled[k] = float(stats.t.ppf(0.975, df) * se)
     lines += [f"| pooled ({len(methods)} methods) | | | {pooled['planned']:.2f} | {pooled['measured']:.2f} | |", ""]
     return lines
 
