@@ -34,7 +34,7 @@ from pipeline.stats import holm, t_interval, t_test_p
 from pipeline.study.figures import METHOD_ORDER, PRIMARY, pyplot
 from pipeline.study.ledger import LEDGER, done, read_ledger
 from pipeline.study.plan import Study, load_study
-from pipeline.study.power import ALPHA, per_seed_deltas
+from pipeline.study.power import ALPHA, per_seed_deltas, t_half_width
 
 TARGET = 1.0            # the pooled gain the study was powered for (points), docs/study.md
 # The methods whose premise holds (strong baseline ≥ 5 hue points below `none`, reports/study-premise/, measured
@@ -213,11 +213,6 @@ def per_seed_table(deltas: dict[str, dict[int, float]]) -> list[str]:
     return lines + [""]
 
 
-def planned_half_width(sd: float, n: int, level: float = 0.95) -> float:
-    """The 95 % t half-width of a mean of ``n`` per-seed Δ with spread ``sd``."""
-    return float(stats.t.ppf((1 + level) / 2, n - 1) * sd / np.sqrt(n))
-
-
 def spread_table(planning: dict[str, dict[int, float]], measured: dict[str, dict[int, float]], n: int
                  ) -> list[str]:
     """The design's assumption against what the study measured: each method's across-seed SD of the primary
@@ -239,7 +234,7 @@ def spread_table(planning: dict[str, dict[int, float]], measured: dict[str, dict
           (("planned", planning), ("measured", measured))}
     for m in methods:
         lines.append(f"| {m} | {sd['planned'][m]:.2f} | {sd['measured'][m]:.2f} | "
-                     f"{planned_half_width(sd['planned'][m], n):.2f} | {planned_half_width(sd['measured'][m], n):.2f} "
+                     f"{t_half_width(sd['planned'][m], n):.2f} | {t_half_width(sd['measured'][m], n):.2f} "
                      f"| {len(measured[m])} |")
     pooled = {}
     for k in ("planned", "measured"):       # the primary test's half-width at n seeds per method with these SDs
